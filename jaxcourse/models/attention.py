@@ -1,0 +1,171 @@
+"""Multi-head / multi-query / grouped-query attention with a choice of implementation.
+
+Shapes: q is [B, T, H, D]; k and v are [B, S, K, D] with K kv heads dividing H heads
+(K == H: MHA, Vaswani et al. 2017; K == 1: MQA, Shazeer 2019; otherwise GQA, Ainslie et
+al. 2023). Query head h reads kv head h // (H // K), the grouping that
+jax.nn.dot_product_attention uses, so every implementation agrees.
+
+Implementations (`impl`):
+    "einsum"  plain jnp reference; the only one that can hand back attention probabilities.
+    "xla"     jax.nn.dot_product_attention(implementation="xla").
+    "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"); NVIDIA GPUs only.
+    "pallas"  pallas_kernels.flash_attention (FlashAttention-2 tiling); interpret mode on CPU.
+
+A sliding window W > 0 lets query i see keys i-W+1 .. i (itself and W-1 before it), as in
+Mistral 7B / Longformer; W = 0 means no window.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcourse.errors import UserError
+from jaxcourse.models.layers import apply_rope, pallas_kernel, partitioned
+
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "pallas")
+
+
+def attention_mask(q_pos_T, k_pos_S, *, causal: bool, window: int, kv_valid_BxS=None):
+    """Boolean [B|1, T, S] mask, True where query t may attend to key s."""
+    q, k = q_pos_T[:, None], k_pos_S[None, :]
+    mask_TxS = jnp.ones((q_pos_T.shape[0], k_pos_S.shape[0]), bool)
+    if causal:
+        mask_TxS &= k <= q
+    if window > 0:
+        mask_TxS &= k > q - window
+        if not causal:  # Bidirectional attention gets a symmetric window.
+            mask_TxS &= k < q + window
+    mask = mask_TxS[None]
+    if kv_valid_BxS is not None:
+        mask = mask & kv_valid_BxS[:, None, :].astype(bool)
+    return mask
+
+
+def einsum_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, scale):
+    """Reference attention; returns (out [B,T,H,D], probs [B,H,T,S]). Softmax in float32."""
+    b, t, h, d = q_BxTxHxD.shape
+    kvh = k_BxSxKxD.shape[2]
+    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kvh, h // kvh, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                        preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        # A finite "minus infinity": a fully masked row gives a uniform row, not NaN.
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
+    return out.reshape(b, t, h, d), probs.reshape(b, h, t, -1)
+
+
+def dot_product_attention(q, k, v, *, impl: str = "einsum", causal: bool = True,
+                          window: int = 0, q_positions=None, kv_valid=None, scale=None):
+    """Attention of q [B,T,H,D] over k, v [B,S,K,D]; returns (out [B,T,H,D], probs | None).
+
+    Keys sit at positions 0..S-1. q_positions [T] (default arange(T)) places the queries
+    among them: the KV-cache decode passes them so new tokens see the whole cache.
+    kv_valid [B,S] marks real (non-padding) keys.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise UserError(f"unknown attention impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+    h, kvh = q.shape[2], k.shape[2]
+    if h % kvh:
+        raise UserError(f"n_head={h} is not a multiple of n_kv_head={kvh}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    t, s = q.shape[1], k.shape[1]
+    plain = q_positions is None and kv_valid is None and (t == s or not causal)
+    if impl in ("cudnn", "pallas") and not plain:
+        # The fused kernels take whole aligned sequences; decode steps and padding masks
+        # use XLA's attention, which takes an explicit mask and computes the same numbers.
+        impl = "xla"
+    if impl == "pallas":
+        return _pallas_attention(q, k, v, causal=causal, window=window, scale=scale), None
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise UserError(f"attention impl 'cudnn' needs an NVIDIA GPU, not "
+                        f"{jax.default_backend()}; use 'xla' or 'einsum'")
+    q_pos = jnp.arange(t) if q_positions is None else q_positions
+    mask = None
+    if causal or window or kv_valid is not None:
+        mask = attention_mask(q_pos, jnp.arange(s), causal=causal, window=window,
+                              kv_valid_BxS=kv_valid)
+    if impl == "einsum":
+        return einsum_attention(q, k, v, mask, scale)
+    if plain:  # Let the library build the mask: cuDNN then skips masked tiles entirely.
+        local = None
+        if window:
+            local = (window - 1, 0) if causal else (window - 1, window - 1)
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                           local_window_size=local, implementation=impl)
+        return out, None
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                       implementation="xla")
+    return out, None
+
+
+def _pallas_attention(q, k, v, *, causal, window, scale):
+    band = None  # The kernel's window is (left, right) in keys, inclusive.
+    if window:
+        band = (window - 1, 0 if causal else window - 1)
+    # interpret=None: compiled on GPU, interpret mode elsewhere (the only way CPU runs it).
+    return pallas_kernel("flash_attention")(q, k, v, causal=causal, sm_scale=scale,
+                                            window=band, segment_ids=None, interpret=None)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with optional RoPE and an explicit KV cache.
+
+    With a cache ({"k": [B,S,K,D], "v": [B,S,K,D]}) and `cache_index` (positions already
+    filled), the new keys/values are written at cache_index.. and the updated cache is
+    returned. The cache is plain data passed in and out, not a hidden mutable collection,
+    so decode loops stay pure functions that scan and jit cleanly.
+    """
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    d_model: int
+    impl: str = "einsum"
+    causal: bool = True
+    window: int = 0
+    rope: bool = False
+    rope_base: float = 10000.0
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    def _proj(self, heads, names, name):
+        return nn.DenseGeneral(
+            (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype, name=name,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), names),
+            bias_init=partitioned(nn.initializers.zeros, names[1:]))
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_T, *, context_BxSxD=None, kv_valid=None,
+                 cache=None, cache_index=None):
+        cross = context_BxSxD is not None
+        src_BxSxD = context_BxSxD if cross else x_BxTxD
+        q = self._proj(self.n_head, ("embed", "heads", "head_dim"), "query")(x_BxTxD)
+        k = self._proj(self.n_kv_head, ("embed", "kv_heads", "head_dim"), "key")(src_BxSxD)
+        v = self._proj(self.n_kv_head, ("embed", "kv_heads", "head_dim"), "value")(src_BxSxD)
+        if self.rope and not cross:
+            q = apply_rope(q, positions_T, self.rope_base)
+            k = apply_rope(k, positions_T, self.rope_base)
+        q_positions, new_cache = None, None
+        if cache is not None:
+            if cross:
+                raise ValueError("a KV cache is for self-attention only")
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            new_cache = {"k": k, "v": v}
+            q_positions = positions_T
+        out, probs = dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), impl=self.impl,
+            causal=self.causal and not cross, window=0 if cross else self.window,
+            q_positions=q_positions, kv_valid=kv_valid)
+        if probs is not None:  # A no-op unless "intermediates" is mutable (attention maps).
+            self.sow("intermediates", "attention_probs", probs)
+        out = nn.DenseGeneral(
+            self.d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
+            kernel_init=partitioned(nn.initializers.xavier_uniform(),
+                                    ("heads", "head_dim", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
+        return out, new_cache

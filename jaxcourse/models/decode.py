@@ -1,0 +1,134 @@
+"""Autoregressive decoding for `GPT`: KV-cache prefill + one-token steps, and sampling.
+
+    tokens_BxN = generate(model, params, prompt_BxT, rng, max_new_tokens=100,
+                          temperature=0.8, top_k=40, top_p=0.95)
+
+The whole loop is one compiled function: prefill the prompt into the cache, then a
+`lax.scan` of decode steps, each writing one token's keys/values and reading the cache.
+`use_cache=False` runs the same loop recomputing the full forward pass over the token
+buffer every step, the baseline the KV cache is measured against in chapter 3.
+Every sequence of the batch has the same prompt length (pad prompts on the left with real
+tokens of your corpus, or group prompts by length).
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcourse.errors import UserError
+from jaxcourse.models.transformer import GPT, GPTConfig, init_cache
+
+
+def sample_logits(logits_BxV, rng, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0):
+    """Draws one token per row. temperature 0 is greedy (argmax).
+
+    top_k keeps the k most likely tokens; top_p (nucleus sampling, Holtzman et al. 2020)
+    keeps the smallest set of most likely tokens whose probability reaches p. Both filters
+    apply to the temperature-scaled distribution, and both always keep the argmax.
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = logits_BxV.astype(jnp.float32) / temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if top_k > 0:
+        kth_Bx1 = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth_Bx1, neg_inf, logits)
+    if top_p < 1.0:
+        sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BxV, axis=-1)
+        # A token stays if the mass strictly before it is below p; the first always stays.
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        threshold_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold_Bx1, neg_inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def check_lengths(cfg: GPTConfig, prompt_len: int, max_new_tokens: int):
+    """Clear errors for prompts that cannot be continued within the model context."""
+    if prompt_len < 1:
+        raise UserError("the prompt must hold at least one token")
+    if prompt_len > cfg.context:
+        raise UserError(f"prompt has length {prompt_len}, longer than the model context "
+                        f"{cfg.context}")
+    if max_new_tokens < 1 or prompt_len + max_new_tokens > cfg.context:
+        raise UserError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} must "
+                        f"fit in the model context {cfg.context} (and max_new_tokens >= 1)")
+
+
+def generate(model: GPT, params, prompt_BxT, rng, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int = -1,
+             use_cache: bool = True):
+    """Samples max_new_tokens continuations; returns the new tokens [B, max_new_tokens].
+
+    After a row emits eos_id (if >= 0) it keeps emitting eos_id. Compiled once per
+    (config, shapes, sampling settings).
+    """
+    prompt_BxT = jnp.asarray(prompt_BxT, jnp.int32)
+    if prompt_BxT.ndim != 2:
+        raise UserError(f"prompt must be [batch, length] token ids, got shape {prompt_BxT.shape}")
+    check_lengths(model.cfg, prompt_BxT.shape[1], max_new_tokens)
+    sampling = (float(temperature), int(top_k), float(top_p), int(eos_id))
+    return _generate(model.cfg, sampling, max_new_tokens, use_cache, nn.meta.unbox(params),
+                     prompt_BxT, rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _generate(cfg, sampling, max_new_tokens, use_cache, params, prompt_BxT, rng):
+    temperature, top_k, top_p, eos_id = sampling
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k,
+                               top_p=top_p)
+    b, t = prompt_BxT.shape
+    total = t + max_new_tokens
+    if use_cache:
+        state, logits_BxV = prefill(cfg, params, prompt_BxT, total)
+        step_fn = functools.partial(cached_step, cfg, params)
+    else:
+        state, logits_BxV = _recompute_prefill(cfg, params, prompt_BxT, total)
+        step_fn = functools.partial(_recompute_step, cfg, params)
+    keys = jax.random.split(rng, max_new_tokens)
+    first_B = sample(logits_BxV, keys[0])
+    done_B = first_B == eos_id
+
+    def body(carry, key):
+        state, token_B, done_B = carry
+        state, logits_BxV = step_fn(state, token_B)
+        nxt_B = sample(logits_BxV, key)
+        nxt_B = jnp.where(done_B, eos_id, nxt_B) if eos_id >= 0 else nxt_B
+        return (state, nxt_B, done_B | (nxt_B == eos_id)), nxt_B
+
+    _, rest_NxB = jax.lax.scan(body, (state, first_B, done_B), keys[1:])
+    return jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)
+
+
+def prefill(cfg: GPTConfig, params, prompt_BxT, cache_len: int = 0):
+    """Runs the prompt through the model into a fresh cache; returns (cache, last logits)."""
+    cache = init_cache(cfg, prompt_BxT.shape[0], cache_len)
+    logits_BxTxV, cache = GPT(cfg).apply({"params": params}, prompt_BxT, cache=cache)
+    return cache, logits_BxTxV[:, -1]
+
+
+def cached_step(cfg: GPTConfig, params, cache, token_B):
+    """Appends one token per row to the cache; returns (cache, its next-token logits)."""
+    logits_Bx1xV, cache = GPT(cfg).apply({"params": params}, token_B[:, None], cache=cache)
+    return cache, logits_Bx1xV[:, 0]
+
+
+def _recompute_prefill(cfg, params, prompt_BxT, total):
+    # The state is a fixed-size token buffer and the fill level; causal attention makes the
+    # zeros after the fill level irrelevant to the logits read at fill level - 1.
+    b, t = prompt_BxT.shape
+    buffer_BxN = jnp.zeros((b, total), jnp.int32).at[:, :t].set(prompt_BxT)
+    logits = GPT(cfg).apply({"params": params}, buffer_BxN)
+    return (buffer_BxN, jnp.int32(t)), logits[:, t - 1]
+
+
+def _recompute_step(cfg, params, state, token_B):
+    buffer_BxN, filled = state
+    buffer_BxN = jax.lax.dynamic_update_slice_in_dim(buffer_BxN, token_B[:, None], filled, 1)
+    logits_BxNxV = GPT(cfg).apply({"params": params}, buffer_BxN)
+    last_BxV = jax.lax.dynamic_index_in_dim(logits_BxNxV, filled, axis=1, keepdims=False)
+    return (buffer_BxN, filled + 1), last_BxV

@@ -1,0 +1,164 @@
+"""Transformer building blocks: norms, positional encodings, embedding, MLP.
+
+Every parameter carries logical axis names (see the preamble list: "vocab", "embed",
+"mlp", ...) so the parallelism chapter can shard a model without editing it. Norms and
+softmax run in float32 whatever the compute dtype, the usual mixed-precision habit.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcourse.errors import UserError
+
+NORMS = ("rmsnorm", "layernorm")
+NORM_IMPLS = ("flax", "pallas")
+
+
+def partitioned(init, names):
+    """An initializer whose parameter is annotated with logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def rms_norm(x, scale, eps):
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * scale, the math of flax's nn.RMSNorm."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return x32 * jax.lax.rsqrt(var + eps) * scale
+
+
+def layer_norm(x, scale, bias, eps):
+    """LayerNorm (Ba et al. 2016), the math of flax's nn.LayerNorm."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale
+    return y if bias is None else y + bias
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm; `impl` picks plain XLA ("flax") or the Pallas kernel ("pallas").
+
+    Parameter names ("scale", "bias") match flax's own norms and do not depend on `impl`,
+    so a checkpoint trained with one implementation loads into the other.
+    """
+    kind: str = "rmsnorm"
+    impl: str = "flax"
+    use_bias: bool = True  # LayerNorm only; RMSNorm has no bias by definition.
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (d,))
+        bias = None
+        if self.kind == "layernorm" and self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (d,))
+        if self.impl == "pallas":
+            y = _pallas_norm(self.kind, x, scale, bias, self.eps)
+        elif self.kind == "rmsnorm":
+            y = rms_norm(x, scale, self.eps)
+        else:
+            y = layer_norm(x, scale, bias, self.eps)
+        return y.astype(self.dtype)
+
+
+def pallas_kernel(name: str):
+    """pallas_kernels.<name>, the function, whether or not the package re-exports it."""
+    import importlib
+    try:  # Lazy: only the "pallas" switches need the kernels package.
+        kernels = importlib.import_module("pallas_kernels")
+        fn = getattr(kernels, name, None)
+        if fn is None or not callable(fn):
+            fn = getattr(importlib.import_module(f"pallas_kernels.{name}"), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"the Pallas kernel pallas_kernels.{name} is not available: {e}")
+    return fn
+
+
+def _pallas_norm(kind, x, scale, bias, eps):
+    if kind == "rmsnorm":
+        return pallas_kernel("rms_norm")(x, scale, eps)
+    if bias is None:
+        bias = jnp.zeros_like(scale)
+    return pallas_kernel("layer_norm")(x, scale, bias, eps)
+
+
+# ---------------------------------------------------------------------------------------
+# Positional encodings.
+
+def sinusoidal_table(positions_T, d_model: int, base: float = 10000.0):
+    """Fixed sin/cos encoding of "Attention is all you need" sec. 3.5, shape [T, d_model]."""
+    half = d_model // 2
+    freqs_F = jnp.exp(-math.log(base) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles_TxF = positions_T.astype(jnp.float32)[:, None] * freqs_F[None, :]
+    table = jnp.concatenate([jnp.sin(angles_TxF), jnp.cos(angles_TxF)], axis=-1)
+    if d_model % 2:  # Odd widths: one zero column so the table is [T, d_model].
+        table = jnp.pad(table, ((0, 0), (0, 1)))
+    return table
+
+
+def apply_rope(x_BxTxHxD, positions_T, base: float = 10000.0):
+    """Rotary position embedding (Su et al. 2021, RoFormer sec. 3.4).
+
+    Rotates the pairs (x_i, x_{i+D/2}) by angle pos * base^(-2i/D) (GPT-NeoX's "rotate
+    half" layout), so q.k after rotation depends on the positions only through m - n.
+    """
+    d = x_BxTxHxD.shape[-1]
+    if d % 2:
+        raise UserError(f"RoPE needs an even head dimension, got {d}")
+    half = d // 2
+    freqs_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_TxF = positions_T.astype(jnp.float32)[:, None] * freqs_F[None, :]
+    cos = jnp.cos(angles_TxF)[None, :, None, :]
+    sin = jnp.sin(angles_TxF)[None, :, None, :]
+    x32 = x_BxTxHxD.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxD.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` reuses the table as the output projection (tied weights)."""
+    vocab_size: int
+    d_model: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        init = partitioned(nn.initializers.normal(stddev=0.02), ("vocab", "embed"))
+        self.embedding = self.param("embedding", init, (self.vocab_size, self.d_model))
+
+    def __call__(self, tokens_BxT):
+        return jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxTxD):
+        return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(self.dtype))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU MLP, or SwiGLU (Shazeer 2020) with a gate branch."""
+    d_model: int
+    d_ff: int
+    activation: str = "gelu"
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    def _dense(self, features, names, name):
+        return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype, name=name,
+                        kernel_init=partitioned(nn.initializers.xavier_uniform(), names),
+                        bias_init=partitioned(nn.initializers.zeros, names[-1:]))
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        h_BxTxF = self._dense(self.d_ff, ("embed", "mlp"), "up")(x_BxTxD)
+        if self.activation == "swiglu":
+            gate_BxTxF = self._dense(self.d_ff, ("embed", "mlp"), "gate")(x_BxTxD)
+            h_BxTxF = nn.silu(gate_BxTxF) * h_BxTxF
+        else:
+            h_BxTxF = nn.gelu(h_BxTxF)
+        h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
+        return self._dense(self.d_model, ("mlp", "embed"), "down")(h_BxTxF)

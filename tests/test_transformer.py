@@ -1,0 +1,157 @@
+"""GPT / encoder / encoder-decoder: causality, shapes, layer scan, remat, axis names, config."""
+import dataclasses
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxcourse.errors import UserError
+from jaxcourse.models.transformer import (GPT, Encoder, EncoderDecoder, GPTConfig, gpt_config,
+                                          lm_loss, model_section)
+
+TINY = GPTConfig(vocab_size=13, context=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                 attention="xla")
+
+
+def _tokens(b=2, t=16, seed=0, vocab=13):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
+
+
+def _init(model, *args):
+    return nn.meta.unbox(model.init(jax.random.key(1), *args)["params"])
+
+
+def _apply_on_embeddings(model, params, emb_BxTxD, *args):
+    """Runs a model with its token-embedding output replaced by emb_BxTxD."""
+    def interceptor(next_fun, call_args, kwargs, context):
+        if context.module.name == "embed" and context.method_name == "__call__":
+            return emb_BxTxD
+        return next_fun(*call_args, **kwargs)
+    with nn.intercept_methods(interceptor):
+        return model.apply({"params": params}, jnp.zeros(emb_BxTxD.shape[:2], jnp.int32),
+                           *args)
+
+
+def _influence(model, params, t_out, *args, b=2, t=16, d=32):
+    """Per input position: |d out[:, t_out] / d embedding[:, s]| summed over batch, width."""
+    emb = jax.random.normal(jax.random.key(2), (b, t, d))
+    grad = jax.grad(lambda e: _apply_on_embeddings(model, params, e, *args)[:, t_out].sum())(emb)
+    return np.abs(np.asarray(grad)).sum(axis=(0, 2))
+
+
+@pytest.mark.parametrize("kw", [dict(pos="rope"),
+                                dict(pos="learned", norm_position="post", norm="layernorm",
+                                     window=4, attention="einsum")])
+def test_gpt_is_causal_through_gradients(kw):
+    cfg = dataclasses.replace(TINY, **kw)
+    model = GPT(cfg)
+    params = _init(model, _tokens())
+    influence_T = _influence(model, params, 9)
+    assert np.all(influence_T[10:] == 0), influence_T  # nothing from the future
+    if not cfg.window:
+        assert np.all(influence_T[:10] > 0), influence_T
+    else:  # Two windowed layers reach back 2 * (W - 1) positions and no further.
+        reach = 9 - 2 * (cfg.window - 1)
+        assert np.all(influence_T[:reach] == 0) and np.all(influence_T[reach:10] > 0)
+
+
+def test_encoder_is_bidirectional_and_ignores_padding():
+    model = Encoder(TINY)
+    valid = jnp.ones((2, 16), bool).at[:, 12:].set(False)
+    params = _init(model, _tokens(), valid)
+    influence_T = _influence(model, params, 3, valid)
+    assert np.all(influence_T[:12] > 0), influence_T  # sees the future too
+    # Padding keys get no attention, so nothing flows from them into real positions.
+    assert np.all(influence_T[12:] == 0), influence_T
+
+
+def test_encoder_decoder_shapes():
+    cfg = dataclasses.replace(TINY, pos="sinusoidal", norm="layernorm", bias=True,
+                              tie_embeddings=False, dropout=0.1)
+    model = EncoderDecoder(cfg)
+    src, tgt = _tokens(t=12), _tokens(t=7, seed=1)
+    src_valid = jnp.ones((2, 12), bool).at[0, 9:].set(False)
+    params = _init(model, src, tgt, src_valid)
+    logits = model.apply({"params": params}, src, tgt, src_valid, train=True,
+                         rngs={"dropout": jax.random.key(3)})
+    chex.assert_shape(logits, (2, 7, cfg.vocab_size))
+    chex.assert_tree_all_finite(logits)
+    chex.assert_shape(params["decoder"]["layer_0"]["cross_attention"]["key"]["kernel"],
+                      (32, 2, 8))
+    hidden = Encoder(cfg).apply({"params": params["encoder"]}, src, src_valid)
+    chex.assert_shape(hidden, (2, 12, 32))
+    # Source padding never changes the output: swap the padded source tokens.
+    src2 = src.at[0, 9:].set((src[0, 9:] + 1) % cfg.vocab_size)
+    np.testing.assert_allclose(model.apply({"params": params}, src2, tgt, src_valid),
+                               model.apply({"params": params}, src, tgt, src_valid),
+                               atol=1e-6)
+
+
+def test_scan_layers_and_remat_match_the_loop():
+    tokens = _tokens()
+    loop = GPT(TINY)
+    params = _init(loop, tokens)
+    stacked = dict(params)
+    blocks = [params["blocks"][f"layer_{i}"] for i in range(TINY.n_layer)]
+    stacked["blocks"] = {"layers": jax.tree.map(lambda *a: jnp.stack(a), *blocks)}
+    scanned = GPT(dataclasses.replace(TINY, scan_layers=True, remat="dots_saveable"))
+    remat = GPT(dataclasses.replace(TINY, remat="full"))
+
+    def loss(model, p):
+        return lm_loss(model.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])[0]
+
+    ref_loss, ref_grads = jax.value_and_grad(lambda p: loss(loop, p))(params)
+    for model, p, unstack in [(scanned, stacked, True), (remat, params, False)]:
+        val, grads = jax.value_and_grad(lambda p_: loss(model, p_))(p)
+        np.testing.assert_allclose(val, ref_loss, rtol=1e-6)
+        if unstack:
+            layers = grads["blocks"]["layers"]
+            grads = dict(grads, blocks={f"layer_{i}": jax.tree.map(lambda a: a[i], layers)
+                                        for i in range(TINY.n_layer)})
+        chex.assert_trees_all_close(grads, ref_grads, atol=1e-5)
+
+
+def test_parameters_carry_logical_axis_names():
+    tokens = _tokens()
+    for cfg, path in [(TINY, ("blocks", "layer_0")),
+                      (dataclasses.replace(TINY, scan_layers=True), ("blocks", "layers"))]:
+        specs = nn.get_partition_spec(
+            jax.eval_shape(GPT(cfg).init, jax.random.key(0), tokens))["params"]
+        block = specs[path[0]][path[1]]
+        lead = ("layers",) if cfg.scan_layers else ()
+        assert block["attention"]["query"]["kernel"] == P(*lead, "embed", "heads", "head_dim")
+        assert block["attention"]["key"]["kernel"] == P(*lead, "embed", "kv_heads", "head_dim")
+        assert block["attention"]["out"]["kernel"] == P(*lead, "heads", "head_dim", "embed")
+        assert block["mlp"]["up"]["kernel"] == P(*lead, "embed", "mlp")
+        assert block["mlp"]["down"]["kernel"] == P(*lead, "mlp", "embed")
+        assert specs["embed"]["embedding"] == P("vocab", "embed")
+
+
+def test_lm_loss_closed_form():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+    loss, metrics = lm_loss(logits, jnp.array([[0, 2]]))
+    assert float(loss) == pytest.approx(-(np.log(0.5) + np.log(0.1)) / 2, rel=1e-6)
+    assert float(metrics["accuracy"]) == pytest.approx(0.5)
+    masked, _ = lm_loss(logits, jnp.array([[0, 2]]), jnp.array([[1, 0]]))
+    assert float(masked) == pytest.approx(-np.log(0.5), rel=1e-6)
+
+
+def test_config_section_round_trip_and_errors():
+    section = model_section(vocab_size=65, n_layer=3)
+    cfg = gpt_config(section)
+    assert cfg.vocab_size == 65 and cfg.n_layer == 3 and cfg.kv_heads == cfg.n_head
+    assert cfg.ff_dim == 4 * cfg.d_model
+    with pytest.raises(UserError, match="unknown model config keys: n_layers"):
+        gpt_config({"n_layers": 2})
+    with pytest.raises(UserError, match="norm_position"):
+        GPTConfig(norm_position="middle")
+    with pytest.raises(UserError, match="not a multiple"):
+        GPTConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(UserError, match="remat"):
+        GPTConfig(remat="everything")
+    with pytest.raises(UserError, match="longer than the model context 16"):
+        GPT(TINY).init(jax.random.key(0), _tokens(t=17))
