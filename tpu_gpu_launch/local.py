@@ -1,0 +1,118 @@
+"""Start N copies of a command on this machine as one multi-process jax job.
+
+    python tpu_gpu_launch/local.py --processes 2 --devices-per-process 2 -- \
+        python -m jaxcourse.ch9 --config=configs/ch9_layouts.py:smoke
+
+Each copy gets JAX_COORDINATOR_ADDRESS (a free port on 127.0.0.1: nothing listens beyond
+this machine), JAX_NUM_PROCESSES and JAX_PROCESS_ID; the program calls
+`jaxcourse.parallel.distributed.initialize()`, which hands them to jax.distributed.
+  --platform cpu  (default without GPUs) each process simulates --devices-per-process CPU
+                  devices and collectives go through gloo: two processes stand in for two
+                  hosts, which is how the tests exercise multi-host code.
+  --platform gpu  process i sees GPUs i*D .. i*D+D-1 (CUDA_VISIBLE_DEVICES): single-node
+                  multi-GPU with one process per GPU group.
+Output lines are prefixed with the process id. If one process fails the others are
+stopped, and the exit code is the first failure's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(base: dict, process_id: int, args) -> dict:
+    env = dict(base)
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{args.port}",
+               JAX_NUM_PROCESSES=str(args.processes), JAX_PROCESS_ID=str(process_id))
+    d = args.devices_per_process
+    if args.platform == "cpu":
+        flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                       env.get("XLA_FLAGS", "")).strip()
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={d}".strip()
+        env["JAX_PLATFORMS"] = "cpu"
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(process_id * d + k) for k in range(d))
+    return env
+
+
+def _pump(stream, prefix: str, out) -> None:
+    for line in iter(stream.readline, ""):
+        out.write(f"{prefix}{line}")
+        out.flush()
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(
+        description="Run a command as N local jax processes (a stand-in for N hosts).",
+        usage="local.py [--processes N] [--devices-per-process D] [--platform cpu|gpu] "
+              "-- COMMAND ...")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--devices-per-process", type=int, default=1)
+    parser.add_argument("--platform", choices=("cpu", "gpu"),
+                        default="gpu" if shutil.which("nvidia-smi") else "cpu")
+    parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+    parser.add_argument("--timeout", type=float, default=0, help="seconds; 0: no limit")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    if not args.command:
+        parser.error("no command given after --")
+    if args.processes < 1 or args.devices_per_process < 1:
+        parser.error("--processes and --devices-per-process must be >= 1")
+    args.port = args.port or free_port()
+    return args
+
+
+def run(argv=None) -> int:
+    args = parse(argv)
+    procs, pumps = [], []
+    for i in range(args.processes):
+        p = subprocess.Popen(args.command, env=child_env(os.environ, i, args), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        t = threading.Thread(target=_pump, args=(p.stdout, f"[{i}] ", sys.stdout), daemon=True)
+        t.start()
+        procs.append(p)
+        pumps.append(t)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    code = 0
+    while any(p.poll() is None for p in procs):
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        late = deadline is not None and time.monotonic() > deadline
+        if failed or late:
+            code = failed[0] if failed else 124
+            for p in procs:  # One process down: the collectives of the rest would hang.
+                if p.poll() is None:
+                    p.terminate()
+            break
+        time.sleep(0.2)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for t in pumps:
+        t.join(timeout=5)
+    if code == 0:
+        code = next((p.returncode for p in procs if p.returncode), 0)
+    if code:
+        print(f"local.py: a process failed (exit {code})", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run())
