@@ -53,4 +53,4 @@ def test_unknown_layout_and_axis_names():
     with pytest.raises(UserError, match="unknown mesh axis 'model'"):
         mesh_lib.mesh_config(model=2)
     assert dict(mesh_lib.mesh_config(tensor=2)) == {
-        "data": 1, "pipeline": 1, "fsdp": 1, "expert": 1, "tensor": 2}
+        "data": 1, "pipeline": 1, "fsdp": 1, "expert": 1, "tensor": 2, "rules": "gpt"}

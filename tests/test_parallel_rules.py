@@ -11,7 +11,7 @@ from jaxcourse.models.transformer import GPT, GPTConfig
 from jaxcourse.parallel import (GPT_RULES, layout_config, logical_to_spec, make_mesh,
                                 match_shardings, shard_batch, sharded_init, specs,
                                 tree_shardings, unbox, use_mesh)
-from jaxcourse.parallel.batch import process_rows
+from jaxcourse.parallel.batch import batch_sharding, process_rows, put_global
 
 # A smoke GPT whose parameter tree every layout below shards.
 CFG = GPTConfig(vocab_size=64, context=16, n_layer=4, n_head=4, d_model=32,
@@ -88,11 +88,17 @@ def test_sharded_init_matches_plain_init_and_optimizer_state_follows_params():
 
 def test_batches_and_activation_constraints_on_the_mesh():
     mesh = make_mesh(layout_config("fsdp_tp"))
-    assert process_rows(8, mesh) == slice(0, 8)  # One process holds every row.
+    # One process holds every row.
+    assert process_rows(batch_sharding(mesh, 1), (3, 8, 16), axis=1) == slice(0, 8)
     tokens = np.arange(8 * 16).reshape(8, 16) % 64
     batch = shard_batch({"tokens": tokens}, mesh)["tokens"]
     assert batch.sharding.spec == P("fsdp")
     np.testing.assert_array_equal(np.asarray(batch), tokens)
+    stacked = put_global({"tokens": np.stack([tokens, tokens + 1])}, mesh, leading=1)["tokens"]
+    assert stacked.sharding.spec == P(None, "fsdp")
+    np.testing.assert_array_equal(np.asarray(stacked)[1], tokens + 1)
+    with pytest.raises(UserError, match="batch of 6 rows cannot be split over the 4 batch"):
+        put_global({"tokens": tokens[:6]}, mesh)
     params = unbox(jax.jit(GPT(CFG).init)(jax.random.key(0), TOKENS)["params"])
     forward = lambda p, t: GPT(CFG).apply({"params": p}, t)  # noqa: E731
     want = jax.jit(forward)(params, tokens)

@@ -1,13 +1,13 @@
 """Global batches built from each process's local rows.
 
-On a multi-host run every process holds only the devices of its host, so it loads only the
-rows of the global batch that land on those devices and hands them to
-`jax.make_array_from_process_local_data`, which stitches one global array out of all the
-processes' pieces without any process ever holding the whole batch.
+On a multi-host run every process holds only the devices of its host, so it hands over only
+the rows of the global batch that land on those devices, and
+`jax.make_array_from_process_local_data` stitches one global array out of all the
+processes' pieces without any process ever placing the whole batch on a device.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -17,44 +17,53 @@ from jaxcourse.errors import UserError
 from jaxcourse.parallel.mesh import BATCH_AXES, batch_shards
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over the batch axes; the rest replicated."""
-    live = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-    return NamedSharding(mesh, P(live or None))
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """Batch dimension (after `leading` unsplit axes, e.g. K stacked steps) over the
+    batch axes; everything else replicated."""
+    live = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
+    return NamedSharding(mesh, P(*([None] * leading), live))
 
 
-def process_rows(global_batch_size: int, mesh: Mesh) -> slice:
-    """The rows of the global batch that this process's devices hold.
+def process_rows(sharding: NamedSharding, shape: Sequence[int], axis: int = 0) -> slice:
+    """The rows along `axis` that this process's devices hold.
 
-    They are contiguous because the data-like axes are the outer mesh axes and the mesh lists
+    They are contiguous because the batch axes are the outer mesh axes and the mesh lists
     each process's devices together.
     """
-    if global_batch_size % batch_shards(mesh):
-        raise UserError(f"batch of {global_batch_size} rows cannot be split over "
-                        f"{batch_shards(mesh)} batch shards")
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
-    rows = {(idx[0].start or 0, idx[0].stop or global_batch_size) for idx in index_map.values()}
+    index_map = sharding.addressable_devices_indices_map(tuple(shape))
+    n = shape[axis]
+    rows = {(idx[axis].start or 0, idx[axis].stop or n) for idx in index_map.values()}
     lo, hi = min(a for a, _ in rows), max(b for _, b in rows)
     if sum(b - a for a, b in rows) != hi - lo:
         raise UserError("this process's batch rows are not contiguous; reorder the mesh devices")
     return slice(lo, hi)
 
 
+def put_global(batch: Mapping[str, np.ndarray], mesh: Mesh, leading: int = 0) -> dict:
+    """Global arrays from numpy batches that every process can produce (same seed).
+
+    Each process hands over only its own rows; on one process that is all of them.
+    """
+    sharding = batch_sharding(mesh, leading)
+
+    def put(x):
+        x = np.asarray(x)
+        if x.shape[leading] % batch_shards(mesh):
+            raise UserError(f"batch of {x.shape[leading]} rows cannot be split over the "
+                            f"{batch_shards(mesh)} batch shards of the mesh")
+        rows = process_rows(sharding, x.shape, leading)
+        local = x[(slice(None),) * leading + (rows,)]
+        return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+    return {key: put(value) for key, value in batch.items()}
+
+
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows (all rows when there is one process)."""
+    """Global arrays from rows this process loaded itself (its share of every batch)."""
     sharding = batch_sharding(mesh)
-    n_proc = jax.process_count()
     out = {}
     for key, local in local_batch.items():
         local = np.asarray(local)
-        global_shape = (local.shape[0] * n_proc,) + local.shape[1:]
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
-    return out
-
-
-def local_part(global_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarray]:
-    """This process's rows of a batch that every process can produce (same seed everywhere)."""
-    out = {}
-    for key, value in global_batch.items():
-        out[key] = np.asarray(value)[process_rows(len(value), mesh)]
     return out

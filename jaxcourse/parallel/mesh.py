@@ -38,12 +38,14 @@ LAYOUTS: dict[str, dict[str, int]] = {
 }
 
 
-def mesh_config(**sizes: int) -> ml_collections.ConfigDict:
-    """The config section `mesh` with every axis present: unnamed axes get size 1."""
+def mesh_config(rules: str = "gpt", **sizes: int) -> ml_collections.ConfigDict:
+    """The config section `mesh`: every axis (unnamed ones get size 1, -1 = the rest of
+    the devices) and the name of the logical-axis rule table (see rules.RULES)."""
     unknown = sorted(set(sizes) - set(AXES))
     if unknown:
         raise UserError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(AXES)}")
-    return ml_collections.ConfigDict({a: int(sizes.get(a, 1)) for a in AXES})
+    return ml_collections.ConfigDict({**{a: int(sizes.get(a, 1)) for a in AXES},
+                                      "rules": rules})
 
 
 def layout_config(name: str) -> ml_collections.ConfigDict:
@@ -59,7 +61,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     Raises UserError (before anything is compiled) when they cannot.
     """
     shape = {a: int(sizes.get(a, 1)) for a in AXES}
-    unknown = sorted(set(sizes) - set(AXES))
+    unknown = sorted(set(sizes) - set(AXES) - {"rules"})
     if unknown:
         raise UserError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(AXES)}")
     rest = [a for a, n in shape.items() if n == -1]
