@@ -67,3 +67,62 @@ def lower_for_gpu(fn, *args, device_kind="NVIDIA H100 80GB HBM3"):
                 grid=(_int(config, "grid_x"), _int(config, "grid_y"), _int(config, "grid_z")),
                 verified=module.operation.verify(), ir=str(module)))
     return kernels
+
+
+# ----------------------------------------------------------------------------- CLI: dump TTIR
+def _grads(fn, n):
+    return jax.grad(lambda *a: fn(*a).astype("float32").sum(), argnums=tuple(range(n)))
+
+
+def standard_configs():
+    """name -> (function, abstract args): the shapes that BENCHMARKS.md reports on."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import pallas_kernels as pk  # pylint: disable=import-outside-toplevel
+    s = jax.ShapeDtypeStruct
+    configs = {}
+    for d in (64, 128):
+        q, kv = s((2, 4096, 2048 // d, d), jnp.bfloat16), s((2, 4096, 512 // d, d), jnp.bfloat16)
+        configs[f"attn_bf16_d{d}_causal_gqa4"] = (_grads(
+            lambda q, k, v: pk.flash_attention(q, k, v, causal=True, interpret=False), 3),
+            (q, kv, kv))
+    q, seg = s((2, 1000, 8, 80), jnp.float16), s((2, 1000), jnp.int32)
+    configs["attn_f16_d80_window_segments"] = (_grads(
+        lambda q, k, v, ids: pk.flash_attention(q, k, v, window=(128, 0), segment_ids=ids,
+                                                interpret=False), 3), (q, q, q, seg))
+    q = s((2, 512, 4, 64), jnp.float32)
+    configs["attn_f32_d64"] = (_grads(
+        lambda q, k, v: pk.flash_attention(q, k, v, interpret=False), 3), (q, q, q))
+    for d in (1000, 4096, 8192):
+        x, p = s((8, 512, d), jnp.bfloat16), s((d,), jnp.bfloat16)
+        configs[f"rms_bf16_d{d}"] = (_grads(
+            lambda x, w: pk.rms_norm(x, w, interpret=False), 2), (x, p))
+        configs[f"ln_bf16_d{d}"] = (_grads(
+            lambda x, w, b: pk.layer_norm(x, w, b, interpret=False), 3), (x, p, p))
+    return configs
+
+
+def dump(directory):
+    """Write <config>_<kernel>.ttir and meta.json (warps, stages) for standard_configs()."""
+    import json  # pylint: disable=import-outside-toplevel
+    import pathlib  # pylint: disable=import-outside-toplevel
+    import warnings  # pylint: disable=import-outside-toplevel
+    out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name, (fn, args) in standard_configs().items():
+            for kernel in lower_for_gpu(fn, *args):
+                assert kernel.verified, kernel.name
+                key = f"{name}__{kernel.name}"
+                (out / f"{key}.ttir").write_text(kernel.ir)
+                meta[key] = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+if __name__ == "__main__":
+    import sys  # pylint: disable=import-outside-toplevel
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m pallas_kernels.gpu_check OUT_DIR   (writes verified TTIR)")
+    print(f"wrote {len(dump(sys.argv[1]))} verified Triton kernels to {sys.argv[1]}")
