@@ -64,6 +64,7 @@ def generate(model: GPT, params, prompt_BxT, rng, *, max_new_tokens: int,
              use_cache: bool = True):
     """Samples max_new_tokens continuations; returns the new tokens [B, max_new_tokens].
 
+    rng may be None for greedy decoding (temperature 0).
     After a row emits eos_id (if >= 0) it keeps emitting eos_id. Compiled once per
     (config, shapes, sampling settings).
     """
@@ -71,6 +72,10 @@ def generate(model: GPT, params, prompt_BxT, rng, *, max_new_tokens: int,
     if prompt_BxT.ndim != 2:
         raise UserError(f"prompt must be [batch, length] token ids, got shape {prompt_BxT.shape}")
     check_lengths(model.cfg, prompt_BxT.shape[1], max_new_tokens)
+    if rng is None:
+        if temperature != 0.0:
+            raise UserError("sampling with temperature > 0 needs an rng key")
+        rng = jax.random.key(0)  # Greedy decoding ignores it.
     sampling = (float(temperature), int(top_k), float(top_p), int(eos_id))
     return _generate(model.cfg, sampling, max_new_tokens, use_cache, nn.meta.unbox(params),
                      prompt_BxT, rng)

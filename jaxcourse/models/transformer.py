@@ -24,6 +24,7 @@ import ml_collections
 import optax
 
 from jaxcourse.errors import UserError
+from jaxcourse.train import Task
 from jaxcourse.models.attention import ATTENTION_IMPLS, Attention
 from jaxcourse.models.layers import (MLP, NORM_IMPLS, NORMS, Embed, Norm, partitioned,
                                      sinusoidal_table)
@@ -274,6 +275,13 @@ class GPT(nn.Module):
         return logits_BxTxV, {**layer_cache, "index": index + tokens_BxT.shape[1]}
 
 
+def _final_norm(c: GPTConfig, x_BxTxD):
+    if c.norm_position == "post":
+        return x_BxTxD
+    return Norm(c.norm, c.norm_impl, use_bias=c.bias, dtype=c.compute_dtype,
+                name="final_norm")(x_BxTxD)
+
+
 def _head(c: GPTConfig, embed: Embed, x_BxTxD, name):
     """Final norm (pre-LN only: post-LN blocks end normalized) and the vocab projection."""
     x_BxTxD = _final_norm(c, x_BxTxD)
@@ -294,13 +302,6 @@ def init_cache(cfg: GPTConfig, batch_size: int, length: int = 0, dtype=None) -> 
     dtype = dtype or cfg.compute_dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "index": jnp.zeros((), jnp.int32)}
-
-
-def _final_norm(c: GPTConfig, x_BxTxD):
-    if c.norm_position == "post":
-        return x_BxTxD
-    return Norm(c.norm, c.norm_impl, use_bias=c.bias, dtype=c.compute_dtype,
-                name="final_norm")(x_BxTxD)
 
 
 class Encoder(nn.Module):
@@ -359,3 +360,32 @@ def lm_loss(logits_BxTxV, targets_BxT, mask_BxT=None):
     denom = jnp.maximum(mask_BxT.sum(), 1.0)
     loss = (nll_BxT * mask_BxT).sum() / denom
     return loss, {"loss": loss, "accuracy": (correct_BxT * mask_BxT).sum() / denom}
+
+
+def lm_task(cfg: GPTConfig) -> Task:
+    """Next-token prediction for the shared loop; batches hold "inputs" and "targets" [B,T]
+    and optionally a "mask" [B,T] of positions that count."""
+    model = GPT(cfg)
+
+    def init(rng, batch):
+        params = model.init(rng, jnp.asarray(batch["inputs"][:1]))["params"]
+        return nn.meta.unbox(params), {}
+
+    def loss(params, model_state, batch, rng, train):
+        logits = model.apply({"params": params}, batch["inputs"], train=train,
+                             rngs={"dropout": rng})
+        value, metrics = lm_loss(logits, batch["targets"], batch.get("mask"))
+        return value, (metrics, model_state)
+
+    return Task(init=init, loss=loss)
+
+
+def attention_maps(cfg: GPTConfig, params, tokens_BxT):
+    """Attention probabilities of every layer, [L, B, H, T, T], via the einsum reference."""
+    model = GPT(dataclasses.replace(cfg, attention="einsum"))
+    _, state = model.apply({"params": params}, tokens_BxT, mutable=["intermediates"])
+    blocks = state["intermediates"]["blocks"]
+    if cfg.scan_layers:
+        return blocks["layers"]["attention"]["attention_probs"][0]
+    return jnp.stack([blocks[f"layer_{i}"]["attention"]["attention_probs"][0]
+                      for i in range(cfg.n_layer)])

@@ -1,0 +1,14 @@
+"""Chapter 3: a character-level GPT on the stdlib corpus; samples, attention maps, KV-cache speed.
+
+python -m jaxcourse.ch3 --config=configs/ch3_gpt.py:cpu
+Any text file: python -m jaxcourse.ch3 --config.data.path=../shared/data/tinyshakespeare.txt
+"""
+from jaxcourse.ch3 import lm_base_config
+
+
+def get_config(preset: str = "cpu"):
+    cfg = lm_base_config(preset)
+    cfg.experiment = "train"
+    if preset == "cpu":
+        cfg.decode.new_tokens = (16, 32, 56)
+    return cfg

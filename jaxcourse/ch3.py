@@ -1,0 +1,412 @@
+"""Chapter 3: transformers.
+
+    python -m jaxcourse.ch3                                   # char GPT on the stdlib corpus
+    python -m jaxcourse.ch3 --config=configs/ch3_context.py   # perplexity vs context length
+    python -m jaxcourse.ch3 --config=configs/ch3_norm.py      # pre-LN vs post-LN stability
+    python -m jaxcourse.ch3 --config=configs/ch3_window.py    # sliding-window attention
+    python -m jaxcourse.ch3 --config=configs/ch3_decode.py    # KV cache vs recompute speed
+
+Lab: a character-level GPT (jaxcourse.models.transformer) trained with the shared loop on
+any text (default: the embedded stdlib corpus; `--config.data.path=FILE` for your own),
+sampled with a KV cache, its attention maps drawn, and four controlled comparisons. Every
+experiment writes summary.json, a results.md table and its PNGs to the workdir.
+"""
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxcourse import cli, config  # noqa: E402
+from jaxcourse.data import pipeline, sources  # noqa: E402
+from jaxcourse.data.tokenizers import CharTokenizer  # noqa: E402
+from jaxcourse.errors import UserError  # noqa: E402
+from jaxcourse.models import decode  # noqa: E402
+from jaxcourse.models.transformer import (GPT, attention_maps, gpt_config,  # noqa: E402
+                                          lm_task, model_section)
+from jaxcourse.train import TrainingDiverged, train  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------
+# Config shared by every configs/ch3_*.py file.
+
+def lm_base_config(preset: str):
+    """Defaults and smoke / cpu / gpu presets of a chapter-3 character language model."""
+    cfg = config.base_config()
+    cfg.data.name = "stdlib"
+    cfg.model = model_section(vocab_size=0, context=64, n_layer=4, n_head=4, d_model=128,
+                              attention="xla")  # vocab_size 0: from the tokenizer
+    cfg.lm = {"max_chars": 0, "val_fraction": 0.1, "eval_tokens": 16384,
+              "eval_batch_size": 64, "prompt": "", "sample_tokens": 200, "temperature": 0.8,
+              "top_k": 0, "top_p": 0.95, "attention_len": 48}
+    cfg.decode = {"batch_size": 1, "prompt_len": 8, "new_tokens": (32,), "repeats": 3}
+    t, o = cfg.train, cfg.optimizer
+    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 1500, 16, 250, 50, 10
+    o.name, o.lr, o.schedule, o.warmup_steps, o.weight_decay = "adamw", 2e-3, "warmup_cosine", 100, 0.1
+    o.b2, o.clip_norm = 0.99, 1.0
+    if preset == "smoke":
+        cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
+        cfg.lm.update(max_chars=50_000, eval_tokens=512, sample_tokens=8, attention_len=12)
+        cfg.decode.update(prompt_len=4, new_tokens=(8,), repeats=1)
+        t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 20, 8, 10, 10, 10
+        o.warmup_steps = 5
+    elif preset == "gpu":
+        cfg.model.update(context=256, n_layer=6, n_head=6, d_model=384, dropout=0.1,
+                         dtype="bfloat16")
+        cfg.lm.update(eval_tokens=262_144, eval_batch_size=128, sample_tokens=500)
+        cfg.decode.update(batch_size=8, new_tokens=(64, 128, 240), repeats=5)
+        t.steps, t.batch_size, t.eval_every, t.steps_per_call = 5000, 64, 500, 50
+        t.precision = "bfloat16"
+        o.lr, o.warmup_steps = 1e-3, 200
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Data and training.
+
+@dataclasses.dataclass
+class Corpus:
+    tokenizer: CharTokenizer
+    train: np.ndarray  # int32 token ids
+    val: np.ndarray
+
+
+def load_corpus(cfg) -> Corpus:
+    """Character tokens of the configured text; the last val_fraction is held out."""
+    text = sources.load_text(cfg.data)[:cfg.lm.max_chars or None]
+    tok = CharTokenizer.from_text(text)
+    ids = np.asarray(tok.encode(text), np.int32)
+    n_val = int(len(ids) * cfg.lm.val_fraction)
+    return Corpus(tok, ids[:-n_val], ids[-n_val:])
+
+
+def eval_windows(tokens: np.ndarray, context: int, max_tokens: int, batch_size: int):
+    """Non-overlapping windows from the start of `tokens`, so every model sees the same text."""
+    n = min((len(tokens) - 1) // context, max(1, max_tokens // context))
+    starts = np.arange(n) * context
+    chunk = tokens[starts[:, None] + np.arange(context + 1)]
+    return pipeline.eval_batches({"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}, batch_size)
+
+
+def fit(cfg, workdir: pathlib.Path, corpus: Corpus, **model_overrides):
+    """Trains one GPT; returns (state, loop metrics + perplexity, model config)."""
+    vocab = cfg.model.vocab_size or corpus.tokenizer.vocab_size
+    model_cfg = gpt_config(cfg.model, vocab_size=vocab, **model_overrides)
+    data = pipeline.lm_batches(corpus.train, cfg.train.batch_size, model_cfg.context,
+                               cfg.train.seed)
+    evals = eval_windows(corpus.val, model_cfg.context, cfg.lm.eval_tokens,
+                         cfg.lm.eval_batch_size)
+    state, metrics = train(lm_task(model_cfg), cfg, workdir, data, evals)
+    metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
+    metrics["eval/bits_per_char"] = metrics["eval/loss"] / math.log(2)
+    return state, metrics, model_cfg
+
+
+def loss_by_position(model_cfg, params, corpus: Corpus, cfg) -> np.ndarray:
+    """Mean validation loss at each position t of the window (t tokens of context)."""
+    windows = eval_windows(corpus.val, model_cfg.context, cfg.lm.eval_tokens,
+                           cfg.lm.eval_batch_size)
+
+    @jax.jit
+    def nll(batch):
+        logits = GPT(model_cfg).apply({"params": params}, batch["inputs"])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0].sum(0)
+
+    total = sum(np.asarray(nll(b)) for b in windows)
+    return total / sum(len(b["inputs"]) for b in windows)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding, sampling, timing.
+
+def sample_text(model_cfg, params, corpus: Corpus, cfg, seed: int = 0) -> str:
+    s = cfg.lm
+    prompt = s.prompt or corpus.tokenizer.decode(corpus.val[:8])
+    ids = jnp.asarray([corpus.tokenizer.encode(prompt)], jnp.int32)[:, -model_cfg.context + 1:]
+    n = min(s.sample_tokens, model_cfg.context - ids.shape[1])
+    out = decode.generate(GPT(model_cfg), params, ids, jax.random.key(seed), max_new_tokens=n,
+                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    return prompt + corpus.tokenizer.decode(np.asarray(out[0]))
+
+
+def time_generate(model_cfg, params, batch: int, prompt_len: int, new_tokens: int,
+                  use_cache: bool, repeats: int) -> tuple[float, np.ndarray]:
+    """Best-of-`repeats` seconds for one compiled greedy generate call, and its tokens."""
+    prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0,
+                                model_cfg.vocab_size)
+    run = lambda: decode.generate(GPT(model_cfg), params, prompt, None,  # noqa: E731
+                                  max_new_tokens=new_tokens, temperature=0.0,
+                                  use_cache=use_cache)
+    out = jax.block_until_ready(run())  # The first call compiles.
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    return min(times), np.asarray(out)
+
+
+def decode_speed_rows(model_cfg, params, cfg) -> list[dict]:
+    d = cfg.decode
+    rows = []
+    for n in d.new_tokens:
+        if d.prompt_len + n > model_cfg.context:
+            continue
+        t_cache, out_cache = time_generate(model_cfg, params, d.batch_size, d.prompt_len, n,
+                                           True, d.repeats)
+        t_full, out_full = time_generate(model_cfg, params, d.batch_size, d.prompt_len, n,
+                                         False, d.repeats)
+        rows.append({"new_tokens": n, "kv_cache_tok_s": d.batch_size * n / t_cache,
+                     "recompute_tok_s": d.batch_size * n / t_full,
+                     "speedup": t_full / t_cache,
+                     "same_tokens": bool(np.array_equal(out_cache, out_full))})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Output: markdown tables and figures.
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: pathlib.Path, title: str, sections: list[tuple[str, str]]):
+    text = f"# {title}\n\n" + "\n".join(f"## {h}\n\n{body}\n" for h, body in sections)
+    (workdir / "results.md").write_text(text)
+    print(text)
+
+
+def plot_attention(maps_LxHxTxT, text: str, path: pathlib.Path):
+    """A grid: one row per layer, one column per head, characters on the axes."""
+    n_layer, n_head, t, _ = maps_LxHxTxT.shape
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(2.2 * n_head, 2.2 * n_layer),
+                             squeeze=False)
+    labels = [c if c.isprintable() and c != " " else "·" for c in text]
+    for layer in range(n_layer):
+        for head in range(n_head):
+            axes[layer, head].imshow(maps_LxHxTxT[layer, head], cmap="viridis", vmin=0,
+                                     vmax=1)
+    for ax in axes.flat:
+        ax.set_xticks(range(t), labels, fontsize=4)
+        ax.set_yticks(range(t), labels, fontsize=4)
+        ax.tick_params(length=0)
+    for layer in range(n_layer):
+        axes[layer, 0].set_ylabel(f"layer {layer}")
+    for head in range(n_head):
+        axes[0, head].set_title(f"head {head}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_curve(workdir: pathlib.Path, key: str) -> tuple[list, list]:
+    path = workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    return tuple(map(list, zip(*points))) if points else ([], [])
+
+
+def plot_curves(curves: dict[str, tuple], path: pathlib.Path, ylabel: str, logy=True):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def variant(cfg, **train_overrides):
+    """A copy of the (locked) config with some train / optimizer keys changed."""
+    v = cfg.copy_and_resolve_references()
+    for key, value in train_overrides.items():
+        section, _, leaf = key.partition("__")
+        v[section][leaf] = value
+    return v
+
+
+def n_params(params) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------------------
+# Experiments.
+
+def run_train(cfg, workdir: pathlib.Path) -> dict:
+    """Train a char GPT, then sample from it, draw its attention and time its decoding."""
+    corpus = load_corpus(cfg)
+    state, metrics, mcfg = fit(cfg, workdir, corpus)
+    params = state.ema_params if state.ema_params is not None else state.params
+    sample = sample_text(mcfg, params, corpus, cfg, seed=cfg.train.seed)
+    (workdir / "sample.txt").write_text(sample)
+    ids = corpus.val[:min(cfg.lm.attention_len, mcfg.context)]
+    maps = attention_maps(mcfg, params, jnp.asarray(ids)[None])[:, 0]
+    plot_attention(np.asarray(maps), corpus.tokenizer.decode(ids), workdir / "attention.png")
+    speed = decode_speed_rows(mcfg, params, cfg)
+    model_row = {"params": n_params(params), "vocab": mcfg.vocab_size, "context": mcfg.context,
+                 "steps": metrics["steps"], "train_loss": metrics["train/loss"],
+                 "val_loss": metrics["eval/loss"], "val_ppl": metrics["eval/perplexity"],
+                 "bits_per_char": metrics["eval/bits_per_char"],
+                 "steps_per_s": metrics["steps_per_second"]}
+    write_results(workdir, "Chapter 3: character-level GPT", [
+        ("Model", markdown_table([model_row], list(model_row))),
+        ("KV-cache decode vs recompute (greedy, compiled loop)",
+         markdown_table(speed, ["new_tokens", "kv_cache_tok_s", "recompute_tok_s", "speedup",
+                                "same_tokens"])),
+        ("Sample", "```\n" + sample + "\n```"),
+    ])
+    out = {**metrics, "params": model_row["params"], "vocab_size": mcfg.vocab_size}
+    for r in speed:
+        out.update({f"decode/{r['new_tokens']}/{k}": v for k, v in r.items()
+                    if k != "new_tokens"})
+    return out
+
+
+def run_context(cfg, workdir: pathlib.Path) -> dict:
+    """Same tokens per step, growing context: how much does more context buy?"""
+    corpus = load_corpus(cfg)
+    rows, curves = [], {}
+    for context in cfg.sweep.contexts:
+        batch = max(1, cfg.sweep.tokens_per_step // context)
+        v = variant(cfg, train__batch_size=batch)
+        state, m, mcfg = fit(v, workdir / f"context_{context}", corpus, context=context)
+        by_pos = loss_by_position(mcfg, state.params, corpus, v)
+        curves[f"context {context}"] = (np.arange(1, context + 1), by_pos)
+        rows.append({"context": context, "batch": batch, "val_loss": m["eval/loss"],
+                     "val_ppl": m["eval/perplexity"], "last_position_loss": float(by_pos[-1]),
+                     "steps_per_s": m["steps_per_second"]})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in curves.items():
+        ax.plot(x, np.exp(y), label=name)
+    ax.set(xscale="log", xlabel="position in window (tokens of context)",
+           ylabel="validation perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "context.png", dpi=90)
+    plt.close(fig)
+    write_results(workdir, "Perplexity vs context length", [
+        ("Validation perplexity (same tokens per step)", markdown_table(rows, list(rows[0])))])
+    return {f"context_{r['context']}/{k}": v for r in rows for k, v in r.items()
+            if k != "context"}
+
+
+def run_norm(cfg, workdir: pathlib.Path) -> dict:
+    """Pre-LN vs post-LN at an aggressive learning rate, with and without warmup."""
+    corpus = load_corpus(cfg)
+    rows, losses, grads = [], {}, {}
+    for name in cfg.sweep.variants:
+        position, _, warm = name.partition("_")
+        v = variant(cfg, optimizer__warmup_steps=cfg.sweep.warmup_steps if warm else 0,
+                    optimizer__schedule="warmup_cosine" if warm else cfg.optimizer.schedule)
+        vdir = workdir / name
+        try:
+            _, m, _ = fit(v, vdir, corpus, norm_position=position)
+            diverged = False
+        except TrainingDiverged:
+            m, diverged = {"train/loss": float("nan"), "eval/loss": float("nan")}, True
+        losses[name] = read_curve(vdir, "train/loss")
+        grads[name] = read_curve(vdir, "train/grad_norm")
+        rows.append({"variant": name, "final_train_loss": m["train/loss"],
+                     "val_loss": m["eval/loss"], "max_grad_norm": max(grads[name][1] or [0]),
+                     "diverged": diverged})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, curves, label in [(axes[0], losses, "train loss"), (axes[1], grads, "grad norm")]:
+        for name, (x, y) in curves.items():
+            ax.plot(x, y, label=name)
+        ax.set(xlabel="step", ylabel=label, yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "norm.png", dpi=90)
+    plt.close(fig)
+    write_results(workdir, "Pre-LN vs post-LN", [
+        (f"lr {cfg.optimizer.lr}, {cfg.model.n_layer} layers",
+         markdown_table(rows, list(rows[0])))])
+    return {f"{r['variant']}/{k}": v for r in rows for k, v in r.items() if k != "variant"}
+
+
+def run_window(cfg, workdir: pathlib.Path) -> dict:
+    """Sliding-window attention: a local window per layer, a receptive field per stack."""
+    corpus = load_corpus(cfg)
+    rows, curves = [], {}
+    for window in cfg.sweep.windows:
+        state, m, mcfg = fit(cfg, workdir / f"window_{window}", corpus, window=window)
+        field = mcfg.context if window == 0 else min(mcfg.context,
+                                                     mcfg.n_layer * (window - 1) + 1)
+        by_pos = loss_by_position(mcfg, state.params, corpus, cfg)
+        label = "full" if window == 0 else f"window {window}"
+        curves[label] = (np.arange(1, mcfg.context + 1), np.exp(by_pos))
+        rows.append({"window": label, "receptive_field": field, "val_loss": m["eval/loss"],
+                     "val_ppl": m["eval/perplexity"], "steps_per_s": m["steps_per_second"]})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name)
+    ax.set(xscale="log", xlabel="position in window", ylabel="validation perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "window.png", dpi=90)
+    plt.close(fig)
+    write_results(workdir, "Sliding-window attention", [
+        (f"context {cfg.model.context}, {cfg.model.n_layer} layers",
+         markdown_table(rows, list(rows[0])))])
+    return {f"{r['window']}/{k}": v for r in rows for k, v in r.items() if k != "window"}
+
+
+def run_decode(cfg, workdir: pathlib.Path) -> dict:
+    """KV-cache decoding vs recomputing the whole prefix, on an untrained model (speed
+    does not depend on the weights)."""
+    mcfg = gpt_config(cfg.model, vocab_size=cfg.model.vocab_size or 128)
+    params = jax.jit(lambda r: GPT(mcfg).init(r, jnp.zeros((1, 8), jnp.int32)))(
+        jax.random.key(cfg.train.seed))["params"]
+    params = nn.meta.unbox(params)
+    rows = decode_speed_rows(mcfg, params, cfg)
+    if not rows:
+        raise UserError(f"no decode.new_tokens value fits: prompt_len {cfg.decode.prompt_len} "
+                        f"+ new tokens must be <= model.context {mcfg.context}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = [r["new_tokens"] for r in rows]
+    ax.plot(n, [r["kv_cache_tok_s"] for r in rows], "o-", label="KV cache")
+    ax.plot(n, [r["recompute_tok_s"] for r in rows], "o-", label="recompute")
+    ax.set(xscale="log", yscale="log", xlabel="new tokens", ylabel="tokens / second")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "decode.png", dpi=90)
+    plt.close(fig)
+    d = cfg.decode
+    write_results(workdir, "KV-cache decode vs recompute", [
+        (f"{n_params(params)} params, {mcfg.n_layer} layers x {mcfg.d_model}, batch "
+         f"{d.batch_size}, prompt {d.prompt_len}, {jax.devices()[0].platform}",
+         markdown_table(rows, list(rows[0])))])
+    return {f"{r['new_tokens']}/{k}": v for r in rows for k, v in r.items()
+            if k != "new_tokens"}
+
+
+EXPERIMENTS = {"train": run_train, "context": run_context, "norm": run_norm,
+               "window": run_window, "decode": run_decode}
+
+
+def main(argv=None):
+    cli.run_chapter("ch3", EXPERIMENTS, default_config="ch3_gpt", argv=argv)
+
+
+if __name__ == "__main__":
+    main()
