@@ -1,0 +1,108 @@
+"""The command line every chapter shares.
+
+    python -m jaxcourse.chN [--config=configs/chN_x.py[:preset]] [--config.key=value ...] [--workdir=DIR]
+
+Bad arguments exit 2 with one line naming the problem, before anything is written. A
+`UserError` raised while running exits 1 with one line.
+"""
+import json
+import pathlib
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from jaxcourse import config as config_lib
+from jaxcourse.errors import ConfigError, UserError
+
+Experiment = Callable[..., dict]
+
+
+def _usage(chapter: str, experiments: dict, default_config: str) -> str:
+    lines = [
+        f"usage: python -m jaxcourse.{chapter} [--config=configs/{chapter}_x.py[:preset]]"
+        " [--config.key=value ...] [--workdir=DIR]",
+        "",
+        f"default: configs/{default_config}.py:cpu; presets: {', '.join(config_lib.PRESETS)}",
+        "experiments (config files):",
+    ]
+    for name, doc in config_lib.experiments(chapter):
+        lines.append(f"  {name:32s} {doc}")
+    lines.append(f"experiment functions: {', '.join(experiments)}")
+    return "\n".join(lines)
+
+
+def parse(chapter: str, experiments: dict, default_config: str, argv: list[str]):
+    """Returns (cfg, workdir, stem, preset); raises ConfigError on any bad argument."""
+    spec = str(config_lib.CONFIG_DIR / f"{default_config}.py")
+    workdir, overrides = None, []
+    for arg in argv:
+        if arg in ("-h", "--help", "--helpfull"):
+            print(_usage(chapter, experiments, default_config))
+            raise SystemExit(0)
+        name, eq, value = arg.partition("=")
+        if not eq or not name.startswith("--"):
+            raise ConfigError(f"unrecognized argument {arg!r} (expected --name=value)")
+        if name == "--config":
+            spec = value
+        elif name == "--workdir":
+            workdir = value
+        elif name.startswith("--config."):
+            overrides.append((name[len("--config."):], value))
+        else:
+            raise ConfigError(f"unknown flag {name}")
+    cfg, stem, preset = config_lib.load(spec)
+    for key, value in overrides:
+        config_lib.override(cfg, key, value)
+    if cfg.experiment not in experiments:
+        raise ConfigError(
+            f"config key experiment={cfg.experiment!r} is not one of {', '.join(experiments)}")
+    if workdir is None:
+        workdir = pathlib.Path("runs") / chapter / f"{stem.removeprefix(chapter + '_')}-{preset}"
+    cfg.lock()
+    return cfg, pathlib.Path(workdir), stem, preset
+
+
+def _plain(x):
+    """JSON-friendly copy of metrics (numpy and jax scalars become floats)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (str, bool, int, float)) or x is None:
+        return x
+    arr = np.asarray(x)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    path.write_text(json.dumps(_plain(obj), indent=2, sort_keys=True) + "\n")
+
+
+def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config: str,
+                argv: list[str] | None = None) -> dict:
+    """Parses arguments, runs the chosen experiment, writes config.json and summary.json."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = f"jaxcourse.{chapter}"
+    try:
+        cfg, workdir, stem, preset = parse(chapter, experiments, default_config, argv)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json(workdir / "config.json", cfg.to_dict())
+        start = time.time()
+        metrics = experiments[cfg.experiment](cfg, workdir)
+        summary = {
+            "chapter": chapter, "experiment": stem, "preset": preset,
+            "wall_seconds": round(time.time() - start, 2), "metrics": metrics,
+            "config": cfg.to_dict(),
+        }
+        write_json(workdir / "summary.json", summary)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1)
+    print(f"{prog}: wrote {workdir}/summary.json")
+    return summary

@@ -1,0 +1,129 @@
+"""The one config system: ml_collections files, presets, and `--config.key=value` overrides.
+
+A config file `configs/chN_<experiment>.py` defines `get_config(preset)` with presets
+`smoke` (seconds, for tests), `cpu` (default) and `gpu`. Overrides are type-checked against the
+file's values: an unknown key or a wrong type raises `ConfigError` naming the key.
+"""
+import ast
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from jaxcourse.errors import ConfigError
+
+PRESETS = ("smoke", "cpu", "gpu")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Sections and keys every experiment shares; a config file adds its own sections."""
+    return ml_collections.ConfigDict({
+        "experiment": "",
+        "train": {
+            "steps": 1000,
+            "batch_size": 128,
+            "seed": 0,
+            "eval_every": 250,
+            "log_every": 50,
+            "steps_per_call": 1,   # K optimizer steps per compiled call (lax.scan).
+            "grad_accum": 1,       # microbatches per optimizer step.
+            "precision": "float32",  # or "bfloat16": params stay f32, compute in bf16.
+            "ema_decay": 0.0,      # 0 = no EMA parameters.
+            "patience": 0,         # early stopping: evals without a better eval loss; 0 = off.
+        },
+        "optimizer": {
+            "name": "adamw",
+            "lr": 1e-3,
+            "schedule": "constant",  # constant | warmup_cosine | onecycle | linear
+            "warmup_steps": 0,
+            "min_lr_ratio": 0.1,
+            "weight_decay": 0.0,
+            "b1": 0.9,
+            "b2": 0.999,
+            "momentum": 0.9,
+            "clip_norm": 0.0,  # 0 = no clipping.
+        },
+        "data": {"name": "digits", "path": ""},
+        "checkpoint": {"every": 0, "keep": 3},  # every=0: only at the end.
+    })
+
+
+def load(spec: str) -> tuple[ml_collections.ConfigDict, str, str]:
+    """Loads `path[:preset]`; returns (config, experiment file stem, preset)."""
+    path_str, _, preset = spec.partition(":")
+    preset = preset or "cpu"
+    path = pathlib.Path(path_str)
+    if not path.exists() and not path.is_absolute() and (REPO / path).exists():
+        path = REPO / path
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path_str}")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} for {path_str}; choose one of {', '.join(PRESETS)}")
+    spec_ = importlib.util.spec_from_file_location(f"jaxcourse_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path_str} defines no get_config(preset)")
+    cfg = module.get_config(preset)
+    return cfg, path.stem, preset
+
+
+def _parse_value(text: str, current):
+    """Parses an override string into the type of the current value, or raises ValueError."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError("expected a bool")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        value = ast.literal_eval(text)
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return type(current)(value)
+    raise ValueError(f"cannot override a {type(current).__name__}")
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets `cfg.<key>` from a command-line string, keeping the existing type."""
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"unknown config key: {'.'.join(parents[:i + 1])}")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config key: {key}")
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {key} is a section; set one of its keys")
+    try:
+        value = _parse_value(text, current)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(
+            f"config key {key} expects {type(current).__name__}, got {text!r}") from e
+    with node.unlocked():
+        node[leaf] = value
+
+
+def experiments(chapter: str) -> list[tuple[str, str]]:
+    """(file name, first docstring line) of every config file of a chapter."""
+    out = []
+    for path in sorted(CONFIG_DIR.glob(f"{chapter}_*.py")):
+        doc = ""
+        text = path.read_text()
+        tree = ast.parse(text)
+        docstring = ast.get_docstring(tree)
+        if docstring:
+            doc = docstring.strip().splitlines()[0]
+        out.append((f"configs/{path.name}", doc))
+    return out

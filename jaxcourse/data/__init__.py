@@ -1,0 +1,1 @@
+"""Data: offline sources, raw-format readers, grain pipelines, tokenizers."""

@@ -1,0 +1,193 @@
+"""Data sources: embedded defaults that work offline, local files, and tfds.
+
+Every loader returns plain numpy arrays; a missing or corrupt file raises `UserError`
+naming the file. CIFAR-10's python batches are pickles, read with an unpickler that
+admits only containers and numpy arrays.
+"""
+import gzip
+import io
+import pathlib
+import pickle
+import sysconfig
+
+import numpy as np
+
+from jaxcourse.errors import UserError
+
+Arrays = dict[str, np.ndarray]
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int = 0) -> Arrays:
+    """Deterministic shuffled train/test split."""
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = perm[:n_test], perm[n_test:]
+    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+
+
+def load_digits() -> Arrays:
+    """scikit-learn's 1,797 handwritten digits as [N, 8, 8, 1] floats in [0, 1]; 20% test."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = (d.images.astype(np.float32) / 16.0)[..., None]
+    return _split(x, d.target.astype(np.int32), 0.2)
+
+
+def stdlib_corpus(max_chars: int = 1_000_000) -> str:
+    """Text built from the Python standard library's own source files (sorted, so stable)."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    if not parts:
+        raise UserError(f"no Python sources found under {root} for the embedded corpus")
+    return "".join(parts)[:max_chars]
+
+
+def read_text(path: str | pathlib.Path) -> str:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {path} is not UTF-8 text (byte {e.start})") from e
+    if not text.strip():
+        raise UserError(f"data file {path} is empty")
+    return text
+
+
+def load_text(data_cfg) -> str:
+    """The text corpus named by a `data` config section: `data.path`, or the stdlib corpus."""
+    if data_cfg.path:
+        return read_text(data_cfg.path)
+    if data_cfg.name not in ("stdlib", "text", ""):
+        raise UserError(f"unknown text data.name={data_cfg.name!r}; use 'stdlib' or set data.path")
+    return stdlib_corpus()
+
+
+# --- MNIST idx -------------------------------------------------------------------------
+
+def _open_maybe_gz(folder: pathlib.Path, name: str) -> bytes:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            raw = candidate.read_bytes()
+            if candidate.suffix == ".gz":
+                try:
+                    raw = gzip.decompress(raw)
+                except (OSError, EOFError) as e:
+                    raise UserError(f"corrupt gzip file {candidate}: {e}") from e
+            return raw
+    raise UserError(f"data file not found: {folder / name} (or .gz)")
+
+
+def read_idx(raw: bytes, name: str) -> np.ndarray:
+    """Parses the idx format (big-endian header: magic, dims) of MNIST's files."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{name} is not an idx file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{name} is truncated (header)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims))
+    if len(raw) - header != size:
+        raise UserError(f"{name} has {len(raw) - header} data bytes, expected {size} for {dims}")
+    return np.frombuffer(raw, np.uint8, size, header).reshape(dims)
+
+
+def read_mnist_idx(folder: str | pathlib.Path) -> Arrays:
+    """MNIST (or Fashion-MNIST) from the four idx files in `folder`, [N, 28, 28, 1] in [0, 1]."""
+    folder = pathlib.Path(folder)
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_open_maybe_gz(folder, f"{prefix}-images-idx3-ubyte"),
+                          f"{folder}/{prefix}-images-idx3-ubyte")
+        labels = read_idx(_open_maybe_gz(folder, f"{prefix}-labels-idx1-ubyte"),
+                          f"{folder}/{prefix}-labels-idx1-ubyte")
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"MNIST {split} files in {folder} disagree: images {images.shape}, "
+                            f"labels {labels.shape}")
+        out[f"x_{split}"] = (images.astype(np.float32) / 255.0)[..., None]
+        out[f"y_{split}"] = labels.astype(np.int32)
+    return out
+
+
+# --- CIFAR-10 python batches ----------------------------------------------------------------
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Admits plain containers and numpy arrays; any other global is refused."""
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        d = _ArraysOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data = np.asarray(d[b"data"], np.uint8)
+        labels = np.asarray(d[b"labels"], np.int32)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"corrupt CIFAR-10 batch {path}: {e}") from e
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise UserError(f"corrupt CIFAR-10 batch {path}: data {data.shape}, labels {labels.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def read_cifar10(folder: str | pathlib.Path) -> Arrays:
+    """CIFAR-10 from `folder` (the unpacked cifar-10-batches-py), [N, 32, 32, 3] in [0, 1]."""
+    folder = pathlib.Path(folder)
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    train = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    x_test, y_test = _read_cifar_batch(folder / "test_batch")
+    x_train = np.concatenate([x for x, _ in train])
+    y_train = np.concatenate([y for _, y in train])
+    scale = lambda x: x.astype(np.float32) / 255.0  # noqa: E731
+    return {"x_train": scale(x_train), "y_train": y_train,
+            "x_test": scale(x_test), "y_test": y_test}
+
+
+def load_tfds(name: str) -> Arrays:
+    """A tfds image-classification set (needs the `tfds` extra and network access once)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise UserError("data.name='tfds:...' needs the extra: pip install -e '.[tfds]'") from e
+    out = {}
+    for split in ("train", "test"):
+        ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, as_supervised=True))
+        x, y = ds
+        out[f"x_{split}"] = np.asarray(x, np.float32) / 255.0
+        out[f"y_{split}"] = np.asarray(y, np.int32)
+    return out
+
+
+def load_images(data_cfg) -> Arrays:
+    """Image classification arrays for a `data` config section (name + path)."""
+    name = data_cfg.name
+    if name == "digits":
+        return load_digits()
+    if name in ("mnist", "cifar10"):
+        if not data_cfg.path:
+            raise UserError(f"data.name={name!r} needs data.path=<folder with the raw files>")
+        if not pathlib.Path(data_cfg.path).is_dir():
+            raise UserError(f"data folder not found: {data_cfg.path}")
+        return read_mnist_idx(data_cfg.path) if name == "mnist" else read_cifar10(data_cfg.path)
+    if name.startswith("tfds:"):
+        return load_tfds(name.removeprefix("tfds:"))
+    raise UserError(f"unknown data.name={name!r}; use digits, mnist, cifar10 or tfds:<name>")

@@ -1,0 +1,69 @@
+"""Metrics as JSON lines plus PNG curves (no TensorFlow needed)."""
+import json
+import math
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+class MetricsWriter:
+    """Appends `{"step": s, name: value, ...}` rows to `workdir/metrics.jsonl`.
+
+    With `resume_step`, rows after that step (written by a run that died before its
+    next checkpoint) are dropped, so a resumed run's log reads like a straight run's.
+    """
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int | None = None):
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.workdir = pathlib.Path(workdir)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [r for r in self.rows() if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def plot(self, filename: str = "curves.png") -> pathlib.Path:
+        """One panel per metric name, train and eval of the same name sharing a panel."""
+        series: dict[str, dict[str, list]] = {}
+        for row in self.rows():
+            for key, value in row.items():
+                if key == "step" or not math.isfinite(value):
+                    continue
+                split, _, name = key.rpartition("/")
+                series.setdefault(name, {}).setdefault(split or "train", []).append(
+                    (row["step"], value))
+        names = sorted(series)
+        cols = min(3, max(len(names), 1))
+        rows = max(1, math.ceil(len(names) / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            for split, points in sorted(series[name].items()):
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=split, marker="." if len(steps) < 30 else None)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            if name in ("loss", "perplexity") and all(
+                    v > 0 for pts in series[name].values() for _, v in pts):
+                ax.set_yscale("log")
+            ax.legend()
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        fig.tight_layout()
+        out = self.workdir / filename
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        return out

@@ -1,0 +1,1 @@
+"""Image classification: augmentation, regularizers and the classification task."""

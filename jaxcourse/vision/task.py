@@ -1,0 +1,65 @@
+"""The image-classification task for the shared loop, with chapter 2's regularizers."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcourse.train import Task
+from jaxcourse.vision import augment
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularization:
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0    # 0 = off
+    cutmix_alpha: float = 0.0   # 0 = off; with both on, each batch picks one at random
+    crop_pad: int = 0           # random-crop padding in pixels; 0 = off
+    flip: bool = False          # horizontal flips (right for CIFAR, wrong for digits)
+
+
+def classification_task(model: nn.Module, reg: Regularization, num_classes: int) -> Task:
+    """Batches are {"image": [B, H, W, C] float, "label": [B] int}."""
+
+    def init(rng, batch):
+        variables = model.init({"params": rng, "dropout": rng}, batch["image"], train=False)
+        variables = dict(variables)
+        params = variables.pop("params")
+        return params, variables
+
+    def regularize(rng, x, y):
+        k_aug, k_mix, k_which = jax.random.split(rng, 3)
+        if reg.crop_pad > 0 or reg.flip:
+            x = augment.random_crop_flip(k_aug, x, reg.crop_pad, reg.flip)
+        if reg.mixup_alpha > 0 and reg.cutmix_alpha > 0:
+            xm, ym = augment.mixup(k_mix, x, y, reg.mixup_alpha)
+            xc, yc = augment.cutmix(k_mix, x, y, reg.cutmix_alpha)
+            pick = jax.random.bernoulli(k_which)
+            x, y = jnp.where(pick, xm, xc), jnp.where(pick, ym, yc)
+        elif reg.mixup_alpha > 0:
+            x, y = augment.mixup(k_mix, x, y, reg.mixup_alpha)
+        elif reg.cutmix_alpha > 0:
+            x, y = augment.cutmix(k_mix, x, y, reg.cutmix_alpha)
+        return x, y
+
+    def loss(params, model_state, batch, rng, train):
+        x, labels = batch["image"], batch["label"]
+        targets = jax.nn.one_hot(labels, num_classes)
+        k_reg, k_drop = jax.random.split(rng)
+        if train:
+            x, targets = regularize(k_reg, x, targets)
+            targets = optax.smooth_labels(targets, reg.label_smoothing)
+        variables = {"params": params, **model_state}
+        if train and model_state:
+            logits, new_state = model.apply(variables, x, train=True,
+                                            rngs={"dropout": k_drop}, mutable=list(model_state))
+        else:
+            logits = model.apply(variables, x, train=train, rngs={"dropout": k_drop})
+            new_state = model_state
+        logits = logits.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        accuracy = (logits.argmax(-1) == labels).mean()
+        return loss, ({"accuracy": accuracy}, new_state)
+
+    return Task(init=init, loss=loss)
