@@ -374,6 +374,9 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
     batch, seq_q, heads, dim = q.shape
     seq_k = k.shape[1]
     left, right = band(causal, window)
+    # A limit no pair can exceed masks nothing: drop it (saves work, keeps int32 bounds small).
+    left = None if left is not None and left >= seq_q else left
+    right = None if right is not None and right >= seq_k else right
     seg_q, seg_k = segments(segment_ids, batch, seq_q, seq_k)
     blocks = _clamp_blocks(block_sizes or BlockSizes(), seq_q, seq_k)
     pad_q = _common.round_up(seq_q, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))

@@ -65,12 +65,16 @@ def test_matches_reference(norm, name):
 
 def test_references_match_flax():
     x, w, b, _ = _inputs((4, 6, 32), jnp.float32)
-    rms = nn.RMSNorm(epsilon=1e-6)
-    want = rms.apply({"params": {"scale": w}}, x)
-    np.testing.assert_allclose(pk.rms_norm_reference(x, w), want, rtol=1e-5, atol=1e-5)
-    ln = nn.LayerNorm(epsilon=1e-6)
-    want = ln.apply({"params": {"scale": w, "bias": b}}, x)
-    np.testing.assert_allclose(pk.layer_norm_reference(x, w, b), want, rtol=1e-5, atol=1e-5)
+
+    @jax.jit
+    def both(x, w, b):
+        rms = nn.RMSNorm(epsilon=1e-6).apply({"params": {"scale": w}}, x)
+        ln = nn.LayerNorm(epsilon=1e-6).apply({"params": {"scale": w, "bias": b}}, x)
+        return rms, ln, pk.rms_norm_reference(x, w), pk.layer_norm_reference(x, w, b)
+
+    rms, ln, rms_ref, ln_ref = both(x, w, b)
+    np.testing.assert_allclose(rms_ref, rms, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ln_ref, ln, rtol=1e-5, atol=1e-5)
 
 
 def test_hand_computed_rms_norm():
