@@ -58,7 +58,7 @@ def pad_to(x, axis: int, size: int):
 
 
 def check_float(name: str, x) -> None:
-    dtype = jnp.dtype(getattr(x, "dtype", None) or jnp.asarray(x).dtype)
+    dtype = jnp.dtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)
     if dtype not in FLOAT_DTYPES:
         raise KernelInputError(f"{name} has dtype {dtype}; expected float32, bfloat16 or float16")
 

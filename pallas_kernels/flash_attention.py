@@ -368,6 +368,7 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
     sm_scale defaults to 1/sqrt(D). window: int w or (left, right) (see module docstring).
     segment_ids: int [B, T] when T == S, or a pair ([B, T], [B, S]).
     interpret: None -> interpret mode off GPU, compiled (Triton lowering) on GPU.
+    block_sizes: a BlockSizes to override the tiles (tuning, tests); None for the defaults.
     Any T, S and D: the wrapper pads to whole blocks (D to a power of two) and masks.
     """
     check_inputs(q, k, v)
