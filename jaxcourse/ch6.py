@@ -1,0 +1,185 @@
+"""Chapter 6: reinforcement learning: PPO as one compiled function, then GRPO on a small LM.
+
+    python -m jaxcourse.ch6 --config=configs/ch6_ppo.py:cpu        # 8 PPO agents, CartPole-v1
+    python -m jaxcourse.ch6 --config=configs/ch6_stress.py:cpu     # entropy x clip x KL grid
+    python -m jaxcourse.ch6 --config=configs/ch6_gymnasium.py:cpu  # same agent, gymnasium env
+    python -m jaxcourse.ch6 --config=configs/ch6_grpo.py:cpu       # GRPO on a tiny GPT
+    python -m jaxcourse.ch6 --config=configs/ch6_rlhf.py:cpu       # reward model + PPO-LM vs GRPO
+
+Lab: a whole PPO run (rollout, GAE, epochs of minibatch updates) is one `lax.scan` under
+`jit`, so `vmap` trains a batch of agents (seeds, or a grid of loss coefficients) in one
+compiled call; checkpoints fall between compiled chunks. The same update then trains from a
+Python-stepped gymnasium environment. Last, the RLHF lesson on a GPT small enough for a
+CPU: group-relative policy optimization against a rule-based reward, and a learned reward
+model from preference pairs driving PPO for the LM.
+"""
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxcourse import cli, config
+from jaxcourse.errors import UserError
+from jaxcourse.rl import plots
+from jaxcourse.rl.gym_adapter import train_gymnasium
+from jaxcourse.rl.ppo import Coefs, PPOConfig, make_train
+from jaxcourse.rl.runner import init_agents, train_agents
+from jaxcourse.train import MetricsWriter, make_optimizer
+
+COEF_KEYS = ("clip_eps", "ent_coef", "vf_coef", "kl_coef")
+
+
+# ---------------------------------------------------------------------------------------
+# Configs.
+
+def ppo_config(preset: str) -> ml_collections.ConfigDict:
+    """purejaxrl's CartPole-v1 setting, trained for `num_seeds` seeds at once."""
+    cfg = config.base_config()
+    cfg.experiment = "ppo"
+    cfg.data.name = "gymnax"
+    fields = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    cfg.ppo = {**fields, "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "kl_coef": 0.0,
+               "num_seeds": 8}
+    o = cfg.optimizer
+    o.name, o.lr, o.schedule, o.min_lr_ratio, o.clip_norm = "adam", 2.5e-4, "linear", 0.0, 0.5
+    cfg.checkpoint.every = 244  # updates per compiled chunk (976 updates = 4 chunks)
+    cfg.checkpoint.keep = 2
+    if preset == "smoke":
+        cfg.ppo.update(num_envs=4, num_steps=32, total_timesteps=4 * 32 * 6, update_epochs=2,
+                       num_minibatches=2, hidden=32, num_seeds=2)
+        cfg.checkpoint.every = 3
+    elif preset == "gpu":
+        cfg.ppo.update(num_seeds=256)
+    return cfg
+
+
+def stress_config(preset: str) -> ml_collections.ConfigDict:
+    cfg = ppo_config(preset)
+    cfg.experiment = "stress"
+    cfg.ppo.num_seeds = 2
+    cfg.stress = {"ent_coef": (0.0, 0.01, 0.1), "clip_eps": (0.02, 0.2, 1000.0),
+                  "kl_coef": (0.0, 3.0)}
+    cfg.ppo.total_timesteps = 250_000
+    cfg.checkpoint.every = 0
+    if preset == "smoke":
+        cfg.stress = {"ent_coef": (0.0, 0.1), "clip_eps": (0.2,), "kl_coef": (0.0, 1.0)}
+        cfg.ppo.update(total_timesteps=4 * 32 * 3, num_seeds=1)
+    elif preset == "gpu":
+        cfg.ppo.update(total_timesteps=500_000, num_seeds=8)
+    return cfg
+
+
+def gymnasium_config(preset: str) -> ml_collections.ConfigDict:
+    cfg = ppo_config(preset)
+    cfg.experiment = "gymnasium"
+    cfg.data.name = "gymnasium"
+    cfg.ppo.update(num_seeds=1, total_timesteps=150_000)
+    if preset == "smoke":
+        cfg.ppo.update(total_timesteps=4 * 32 * 2)
+    elif preset == "gpu":
+        cfg.ppo.update(total_timesteps=500_000)
+    return cfg
+
+
+def ppo_parts(cfg):
+    """(PPOConfig, Coefs) from the `ppo` section; bad values raise one-line UserErrors."""
+    names = {f.name for f in dataclasses.fields(PPOConfig)}
+    pc = PPOConfig(**{k: v for k, v in cfg.ppo.items() if k in names})
+    coefs = Coefs.make(**{k: cfg.ppo[k] for k in COEF_KEYS})
+    if cfg.ppo.num_seeds < 1:
+        raise UserError(f"ppo.num_seeds={cfg.ppo.num_seeds} must be >= 1")
+    return pc, coefs
+
+
+def _final_metrics(metrics: dict, prefix: str = "") -> dict:
+    last = {k: float(np.mean(v[:, -10:])) for k, v in metrics.items()}
+    return {f"{prefix}{k}": last[k] for k in
+            ("approx_kl", "clip_frac", "entropy", "value_loss", "explained_variance")}
+
+
+# ---------------------------------------------------------------------------------------
+# Experiments.
+
+def run_ppo(cfg, workdir: pathlib.Path) -> dict:
+    """`num_seeds` agents as one vmapped program, checkpointed every chunk of updates."""
+    pc, coefs = ppo_parts(cfg)
+    fns = make_train(pc, make_optimizer(cfg.optimizer, pc.grad_steps))
+    seeds = cfg.train.seed + np.arange(cfg.ppo.num_seeds)
+    runner = init_agents(fns, seeds, coefs)
+    runner, metrics, timing = train_agents(fns, runner, pc.num_updates, cfg.checkpoint.every,
+                                           workdir, keep=cfg.checkpoint.keep, log=print)
+    MetricsWriter(workdir, resume_step=pc.num_updates).plot("curves.png")
+    out = {"env": pc.env_name, "num_seeds": len(seeds), **timing}
+    if metrics:  # empty when the run was already complete
+        ret = metrics["return"]
+        plots.return_curves(ret, workdir / "returns.png",
+                            f"PPO on {pc.env_name}: {len(seeds)} seeds",
+                            pc.num_envs * pc.num_steps)
+        steps = ret.shape[1] * pc.num_envs * pc.num_steps * len(seeds)
+        out.update(mean_return=float(ret[:, -10:].mean()),
+                   worst_seed_return=float(ret[:, -10:].mean(1).min()),
+                   steps_per_second=steps / max(timing["run_seconds"], 1e-9),
+                   **_final_metrics(metrics))
+    return out
+
+
+def run_stress(cfg, workdir: pathlib.Path) -> dict:
+    """The whole (entropy coef x clip range x KL coef x seed) grid as one vmapped program."""
+    pc, _ = ppo_parts(cfg)
+    s, n = cfg.stress, cfg.ppo.num_seeds
+    grid = np.array(np.meshgrid(s.kl_coef, s.ent_coef, s.clip_eps, np.arange(n),
+                                indexing="ij")).reshape(4, -1)
+    kl, ent, clip, seed = grid
+    coefs = Coefs.make(clip_eps=clip, ent_coef=ent, vf_coef=np.full_like(kl, cfg.ppo.vf_coef),
+                       kl_coef=kl)
+    fns = make_train(pc, make_optimizer(cfg.optimizer, pc.grad_steps))
+    runner = init_agents(fns, cfg.train.seed + seed.astype(np.int32), coefs)
+    _, metrics, timing = train_agents(fns, runner, pc.num_updates, cfg.checkpoint.every)
+    shape = (len(s.kl_coef), len(s.ent_coef), len(s.clip_eps), n)
+    final = metrics["return"][:, -10:].mean(1).reshape(shape).mean(-1)
+    plots.stress_grid(final, s.kl_coef, s.ent_coef, s.clip_eps, workdir / "stress.png",
+                      f"PPO {pc.env_name}, {pc.total_timesteps:,} steps, mean of {n} seeds")
+    table = [{"kl_coef": k, "ent_coef": e, "clip_eps": c, "return": float(final[i, j, l])}
+             for i, k in enumerate(s.kl_coef) for j, e in enumerate(s.ent_coef)
+             for l, c in enumerate(s.clip_eps)]
+    (workdir / "stress.json").write_text(json.dumps(table, indent=1) + "\n")
+    best = max(table, key=lambda r: r["return"])
+    worst = min(table, key=lambda r: r["return"])
+    steps = metrics["return"].size * pc.num_envs * pc.num_steps
+    return {"agents": int(grid.shape[1]), "best_return": best["return"],
+            "best": json.dumps(best), "worst_return": worst["return"],
+            "worst": json.dumps(worst), **timing,
+            "steps_per_second": steps / max(timing["run_seconds"], 1e-9)}
+
+
+def run_gymnasium(cfg, workdir: pathlib.Path) -> dict:
+    """The same agent and jitted update, fed by gymnasium environments stepped in Python."""
+    pc, coefs = ppo_parts(cfg)
+    tx = make_optimizer(cfg.optimizer, pc.grad_steps)
+    _, metrics, timing = train_gymnasium(pc, tx, coefs, cfg.train.seed, log=print)
+    writer = MetricsWriter(workdir)
+    for u in range(len(metrics["return"])):
+        writer.write(u + 1, {k: v[u] for k, v in metrics.items()})
+    writer.plot("curves.png")
+    # Throughput over updates 2.. (the first one compiles).
+    steps = (pc.num_updates - 1) * pc.num_envs * pc.num_steps
+    total = timing["rollout_seconds"] * (pc.num_updates - 1) / pc.num_updates \
+        + timing["learn_seconds"]
+    return {"env": f"gymnasium:{pc.env_name}", "mean_return": float(metrics["return"][-10:].mean()),
+            "steps_per_second": steps / max(total, 1e-9), **timing,
+            **_final_metrics({k: v[None] for k, v in metrics.items()})}
+
+
+EXPERIMENTS = {"ppo": run_ppo, "stress": run_stress, "gymnasium": run_gymnasium}
+
+
+def main(argv=None):
+    cli.run_chapter("ch6", EXPERIMENTS, default_config="ch6_ppo", argv=argv)
+
+
+if __name__ == "__main__":
+    main()
