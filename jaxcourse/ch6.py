@@ -16,7 +16,9 @@ model from preference pairs driving PPO for the LM.
 import dataclasses
 import json
 import pathlib
+import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,11 +26,13 @@ import numpy as np
 
 from jaxcourse import cli, config
 from jaxcourse.errors import UserError
-from jaxcourse.rl import plots
+from jaxcourse.models.transformer import gpt_config, lm_task, model_section
+from jaxcourse.rl import grpo, lm_tasks, plots
+from jaxcourse.rl.grpo import GRPOConfig
 from jaxcourse.rl.gym_adapter import train_gymnasium
 from jaxcourse.rl.ppo import Coefs, PPOConfig, make_train
 from jaxcourse.rl.runner import init_agents, train_agents
-from jaxcourse.train import MetricsWriter, make_optimizer
+from jaxcourse.train import MetricsWriter, make_optimizer, train
 
 COEF_KEYS = ("clip_eps", "ent_coef", "vf_coef", "kl_coef")
 
@@ -82,6 +86,30 @@ def gymnasium_config(preset: str) -> ml_collections.ConfigDict:
         cfg.ppo.update(total_timesteps=4 * 32 * 2)
     elif preset == "gpu":
         cfg.ppo.update(total_timesteps=500_000)
+    return cfg
+
+
+def grpo_config(preset: str) -> ml_collections.ConfigDict:
+    """Noisy-teacher SFT of a tiny GPT with the shared loop, then GRPO on the exact reward."""
+    cfg = config.base_config()
+    cfg.experiment = "grpo"
+    cfg.data.name = "addition"
+    cfg.model = model_section(vocab_size=len(lm_tasks.VOCAB), context=8, n_layer=2, n_head=4,
+                              d_model=64, pos="learned", norm="layernorm")
+    cfg.task = {"p_correct": 0.3, "max_digit": 9}
+    fields = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    cfg.grpo = {**fields, "steps": 60, "eval_samples": 8, "log_every": 5}
+    t, o = cfg.train, cfg.optimizer  # the SFT phase (shared loop)
+    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 600, 64, 0, 100, 50
+    o.name, o.lr, o.schedule, o.warmup_steps, o.clip_norm = "adamw", 3e-3, "warmup_cosine", 20, 1.0
+    cfg.rl_optimizer = ml_collections.ConfigDict(o.to_dict())
+    cfg.rl_optimizer.update(lr=1e-3, schedule="constant", warmup_steps=0)
+    if preset == "smoke":
+        cfg.model.update(n_layer=1, n_head=2, d_model=32)
+        t.steps, t.batch_size, t.steps_per_call = 20, 16, 10
+        cfg.grpo.update(steps=3, prompts_per_step=4, group_size=4, eval_samples=2, log_every=1)
+    elif preset == "gpu":
+        cfg.grpo.update(steps=200, prompts_per_step=64, group_size=16)
     return cfg
 
 
@@ -174,7 +202,46 @@ def run_gymnasium(cfg, workdir: pathlib.Path) -> dict:
             **_final_metrics({k: v[None] for k, v in metrics.items()})}
 
 
-EXPERIMENTS = {"ppo": run_ppo, "stress": run_stress, "gymnasium": run_gymnasium}
+def sft_start(cfg, workdir: pathlib.Path):
+    """(model config, task, SFT params) from the shared loop on noisy-teacher data."""
+    task = lm_tasks.AdditionTask(**cfg.task.to_dict())
+    model_cfg = gpt_config(cfg.model)
+    data = lm_tasks.SFTData(task, cfg.train.batch_size, cfg.train.seed)
+    state, _ = train(lm_task(model_cfg), cfg, workdir / "sft", data)
+    return model_cfg, task, nn.meta.unbox(state.params)
+
+
+def run_grpo(cfg, workdir: pathlib.Path) -> dict:
+    """GRPO from the SFT model: reward before and after, KL, clip fraction, length."""
+    model_cfg, task, params = sft_start(cfg, workdir)
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    gc = GRPOConfig(**{k: v for k, v in cfg.grpo.items() if k in names})
+    rng = jax.random.key(cfg.train.seed + 1)
+    evaluate = lambda p, key: grpo.mean_reward(model_cfg, p, task, task.reward, key,
+                                               cfg.grpo.eval_samples, gc.temperature,
+                                               gc.max_new_tokens)
+    eval_key = jax.random.key(cfg.train.seed + 2)
+    before = evaluate(params, eval_key)
+    tx = make_optimizer(cfg.rl_optimizer, cfg.grpo.steps * gc.inner_steps)
+    step = grpo.make_grpo_step(model_cfg, gc, task, task.reward, tx)
+    ref, opt_state, writer = params, tx.init(params), MetricsWriter(workdir)
+    t0 = time.perf_counter()
+    for i in range(cfg.grpo.steps):
+        params, opt_state, m = step(params, opt_state, ref, jax.random.fold_in(rng, i))
+        writer.write(i + 1, m)
+        if (i + 1) % cfg.grpo.log_every == 0:
+            print(f"grpo step {i + 1}: reward {float(m['reward']):.3f} kl {float(m['kl']):.4f}")
+    seconds = time.perf_counter() - t0
+    after = evaluate(params, eval_key)
+    writer.plot("curves.png")
+    last = writer.rows()[-1]
+    return {"reward_before": before, "reward_after": after, "grpo_seconds": seconds,
+            "final_kl": last["kl"], "final_clip_frac": last["clip_frac"],
+            "final_response_length": last["response_length"]}
+
+
+EXPERIMENTS = {"ppo": run_ppo, "stress": run_stress, "gymnasium": run_gymnasium,
+               "grpo": run_grpo}
 
 
 def main(argv=None):
