@@ -8,6 +8,7 @@ Exactness: step s draws its randomness from fold_in(seed key, s) and its data fr
 `train_data[s]`, and chunk boundaries fall on the same steps whether or not a run was
 interrupted, so N steps + resume to 2N reproduces a straight 2N-step run bit for bit.
 """
+import contextlib
 import dataclasses
 import pathlib
 import sys
@@ -21,6 +22,8 @@ import optax
 from tqdm import tqdm
 
 from jaxcourse.errors import ConfigError, UserError
+from jaxcourse.parallel.plan import ShardingPlan
+from jaxcourse.parallel.rules import unbox, without_rules
 from jaxcourse.train.checkpoint import Checkpointer
 from jaxcourse.train.metrics import MetricsWriter
 from jaxcourse.train.optim import make_optimizer, make_schedule
@@ -184,12 +187,54 @@ def init_state(task: Task, tx, cfg, first_batch) -> Callable[[jax.Array], TrainS
     """seed key -> fresh TrainState (jit it, or eval_shape it for the abstract state)."""
     def init(seed_key):
         init_rng, step_rng = jax.random.split(seed_key)
+        # task.init may box parameters with logical axis names (nn.with_logical_partitioning):
+        # the state holds them plain; a sharded run reads the names (see `_sharding`).
         params, model_state = task.init(init_rng, first_batch)
+        params = unbox(params)
         ema = params if cfg.train.ema_decay > 0 else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), model_state=model_state,
                           ema_params=ema, rng=step_rng)
     return init
+
+
+def _sharding(task: Task, plan: ShardingPlan | None, first_batch, init, rng):
+    """(abstract state, state shardings or None). On a mesh every leaf of the abstract state
+    carries its sharding, so orbax restores each device's shard straight into place."""
+    with without_rules():
+        abstract = jax.eval_shape(init, rng)
+        if plan is None:
+            return abstract, None
+        boxed_params = jax.eval_shape(task.init, jax.random.split(rng)[0], first_batch)[0]
+    shardings = plan.state_shardings(abstract, boxed_params)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return abstract, shardings
+
+
+def _jit_steps(task: Task, tx, cfg, plan: ShardingPlan | None, shardings):
+    """K optimizer steps per call (lax.scan), state donated; sharded in and out on a mesh."""
+    step = make_step(task, tx, cfg)
+    steps = lambda s, b: jax.lax.scan(step, s, b)  # noqa: E731
+    if plan is None:
+        return jax.jit(steps, donate_argnums=0)
+    return jax.jit(steps, donate_argnums=0,
+                   in_shardings=(shardings, plan.batches_sharding()),
+                   out_shardings=(shardings, plan.replicated()))
+
+
+def compile_train_step(task: Task, cfg, first_batch):
+    """The compiled K-step call that `train` runs, built from shapes alone (nothing is
+    initialized or run): for XLA's memory and cost analysis."""
+    plan = ShardingPlan.from_config(cfg)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    init = init_state(task, tx, cfg, first_batch)
+    abstract, shardings = _sharding(task, plan, first_batch, init, jax.random.PRNGKey(0))
+    k = cfg.train.steps_per_call
+    batches = {key: jax.ShapeDtypeStruct((k,) + np.shape(x), np.asarray(x).dtype)
+               for key, x in first_batch.items()}
+    with plan.context() if plan else contextlib.nullcontext():
+        return _jit_steps(task, tx, cfg, plan, shardings).lower(abstract, batches).compile()
 
 
 def train(task: Task, cfg, workdir: pathlib.Path, train_data,
@@ -202,22 +247,29 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
     first = train_data[0]
     if tc.batch_size and jax.tree.leaves(first)[0].shape[0] % tc.grad_accum:
         raise ConfigError("batch size is not divisible by train.grad_accum")
+    plan = ShardingPlan.from_config(cfg)  # None without a `mesh` section: unsharded.
     init = init_state(task, tx, cfg, first)
     rng = jax.random.PRNGKey(tc.seed)
-    abstract = jax.eval_shape(init, rng)
+    abstract, shardings = _sharding(task, plan, first, init, rng)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep)
     restored = ckpt.restore_latest(abstract)
     if restored is None:
-        state, start = jax.jit(init)(rng), 0
+        with without_rules():
+            state, start = jax.jit(init, out_shardings=shardings)(rng), 0
     else:
         state, meta = restored
         start = int(meta["data_position"])
         print(f"resuming from {ckpt.directory} at step {start}", file=sys.stderr)
-    writer = MetricsWriter(workdir, resume_step=start if restored else None)
+    main = jax.process_index() == 0  # With several processes, one writes the logs.
+    writer = MetricsWriter(workdir, resume_step=start if restored else None) if main else None
 
-    step = make_step(task, tx, cfg)
-    multi_step = jax.jit(lambda s, b: jax.lax.scan(step, s, b), donate_argnums=0)
+    multi_step = _jit_steps(task, tx, cfg, plan, shardings)
     eval_fn = make_eval_fn(task, tc.seed) if eval_data is not None else None
+    if eval_fn is not None and plan is not None:
+        eval_jit = eval_fn
+        eval_fn = lambda p, s, b: eval_jit(p, s, plan.put_eval(b))  # noqa: E731
+    # Mesh and logical rules are active while the steps trace (activation constraints).
+    mesh_context = plan.context() if plan else contextlib.nullcontext()
     eval_metrics, train_row, last_saved = {}, {}, start if restored else None
     best_eval, stale_evals, stopped_early = float("inf"), 0, False
     progress = _Progress(tc.steps, start)
@@ -226,10 +278,13 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
     def save(at: int):
         ckpt.save(at, state, {"data_position": at})
 
+    mesh_context.__enter__()
     try:
         for end in _boundaries(cfg, start, eval_data is not None):
             n = end - start
             batches = stack_batches(train_data, start, n)
+            if plan is not None:
+                batches = plan.put_batches(batches)
             state, metrics = multi_step(state, batches)
             logged = (end // tc.log_every > start // tc.log_every) or end == tc.steps
             is_eval = eval_fn is not None and (
@@ -250,13 +305,14 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
             if first_end is None:
                 jax.block_until_ready(state.step)
                 first_end, t_first = end, time.perf_counter()
-            if logged:
+            if logged and main:
                 writer.write(end, train_row)
             if is_eval:
                 params = state.ema_params if state.ema_params is not None else state.params
                 eval_metrics = {f"eval/{k}": v for k, v in
                                 evaluate(eval_fn, params, state.model_state, eval_data).items()}
-                writer.write(end, eval_metrics)
+                if main:
+                    writer.write(end, eval_metrics)
                 if eval_metrics["eval/loss"] < best_eval:
                     best_eval, stale_evals = eval_metrics["eval/loss"], 0
                 else:
@@ -277,12 +333,15 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
     finally:
         progress.close()
         ckpt.wait()
+        mesh_context.__exit__(None, None, None)
 
     if eval_fn is not None and not eval_metrics:  # nothing left to train: report the state.
         params = state.ema_params if state.ema_params is not None else state.params
-        eval_metrics = {f"eval/{k}": v for k, v in
-                        evaluate(eval_fn, params, state.model_state, eval_data).items()}
-    writer.plot()
+        with plan.context() if plan else contextlib.nullcontext():
+            eval_metrics = {f"eval/{k}": v for k, v in
+                            evaluate(eval_fn, params, state.model_state, eval_data).items()}
+    if main:
+        writer.plot()
     timed = (start - first_end) if first_end is not None else 0
     steps_per_second = timed / (t_end - t_first) if timed > 0 else float("nan")
     batch = jax.tree.leaves(first)[0].shape[0]
