@@ -96,11 +96,11 @@ def grpo_config(preset: str) -> ml_collections.ConfigDict:
     cfg.data.name = "addition"
     cfg.model = model_section(vocab_size=len(lm_tasks.VOCAB), context=8, n_layer=2, n_head=4,
                               d_model=64, pos="learned", norm="layernorm")
-    cfg.task = {"p_correct": 0.3, "max_digit": 9}
+    cfg.task = {"p_correct": 0.3, "max_digit": 4}  # 25 prompts "a+b=" with a, b in 0..4
     fields = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
     cfg.grpo = {**fields, "steps": 60, "eval_samples": 8, "log_every": 5}
     t, o = cfg.train, cfg.optimizer  # the SFT phase (shared loop)
-    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 600, 64, 0, 100, 50
+    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 400, 64, 0, 100, 50
     o.name, o.lr, o.schedule, o.warmup_steps, o.clip_norm = "adamw", 3e-3, "warmup_cosine", 20, 1.0
     cfg.rl_optimizer = ml_collections.ConfigDict(o.to_dict())
     cfg.rl_optimizer.update(lr=1e-3, schedule="constant", warmup_steps=0)
@@ -108,7 +108,9 @@ def grpo_config(preset: str) -> ml_collections.ConfigDict:
         cfg.model.update(n_layer=1, n_head=2, d_model=32)
         t.steps, t.batch_size, t.steps_per_call = 20, 16, 10
         cfg.grpo.update(steps=3, prompts_per_step=4, group_size=4, eval_samples=2, log_every=1)
-    elif preset == "gpu":
+    elif preset == "gpu":  # all 100 sums of two digits
+        cfg.task.max_digit = 9
+        t.steps = 3000
         cfg.grpo.update(steps=200, prompts_per_step=64, group_size=16)
     return cfg
 
