@@ -27,7 +27,7 @@ import numpy as np
 from jaxcourse import cli, config
 from jaxcourse.errors import UserError
 from jaxcourse.models.transformer import gpt_config, lm_task, model_section
-from jaxcourse.rl import grpo, lm_tasks, plots
+from jaxcourse.rl import grpo, lm_ppo, lm_tasks, plots, reward_model
 from jaxcourse.rl.grpo import GRPOConfig
 from jaxcourse.rl.gym_adapter import train_gymnasium
 from jaxcourse.rl.ppo import Coefs, PPOConfig, make_train
@@ -213,37 +213,113 @@ def sft_start(cfg, workdir: pathlib.Path):
     return model_cfg, task, nn.meta.unbox(state.params)
 
 
+def _rl_loop(step, state, ref, steps: int, seed: int, writer: MetricsWriter, log_every: int,
+             name: str):
+    """Calls a jitted RL step `steps` times, logging metrics; returns (state, seconds)."""
+    params, opt_state = state
+    rng, t0 = jax.random.key(seed), time.perf_counter()
+    for i in range(steps):
+        params, opt_state, m = step(params, opt_state, ref, jax.random.fold_in(rng, i))
+        writer.write(i + 1, m)
+        if (i + 1) % log_every == 0:
+            print(f"{name} step {i + 1}: reward {float(m['reward']):.3f} kl {float(m['kl']):.4f}")
+    return params, time.perf_counter() - t0
+
+
+def _grpo_parts(cfg, model_cfg, task):
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    gc = GRPOConfig(**{k: v for k, v in cfg.grpo.items() if k in names})
+    evaluate = lambda p: grpo.mean_reward(model_cfg, p, task, task.reward,
+                                          jax.random.key(cfg.train.seed + 2),
+                                          cfg.grpo.eval_samples, gc.temperature,
+                                          gc.max_new_tokens)
+    return gc, evaluate
+
+
 def run_grpo(cfg, workdir: pathlib.Path) -> dict:
     """GRPO from the SFT model: reward before and after, KL, clip fraction, length."""
     model_cfg, task, params = sft_start(cfg, workdir)
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    gc = GRPOConfig(**{k: v for k, v in cfg.grpo.items() if k in names})
-    rng = jax.random.key(cfg.train.seed + 1)
-    evaluate = lambda p, key: grpo.mean_reward(model_cfg, p, task, task.reward, key,
-                                               cfg.grpo.eval_samples, gc.temperature,
-                                               gc.max_new_tokens)
-    eval_key = jax.random.key(cfg.train.seed + 2)
-    before = evaluate(params, eval_key)
+    gc, evaluate = _grpo_parts(cfg, model_cfg, task)
+    before = evaluate(params)
     tx = make_optimizer(cfg.rl_optimizer, cfg.grpo.steps * gc.inner_steps)
     step = grpo.make_grpo_step(model_cfg, gc, task, task.reward, tx)
-    ref, opt_state, writer = params, tx.init(params), MetricsWriter(workdir)
-    t0 = time.perf_counter()
-    for i in range(cfg.grpo.steps):
-        params, opt_state, m = step(params, opt_state, ref, jax.random.fold_in(rng, i))
-        writer.write(i + 1, m)
-        if (i + 1) % cfg.grpo.log_every == 0:
-            print(f"grpo step {i + 1}: reward {float(m['reward']):.3f} kl {float(m['kl']):.4f}")
-    seconds = time.perf_counter() - t0
-    after = evaluate(params, eval_key)
+    writer = MetricsWriter(workdir)
+    params, seconds = _rl_loop(step, (params, tx.init(params)), params, cfg.grpo.steps,
+                               cfg.train.seed + 1, writer, cfg.grpo.log_every, "grpo")
     writer.plot("curves.png")
     last = writer.rows()[-1]
-    return {"reward_before": before, "reward_after": after, "grpo_seconds": seconds,
+    return {"reward_before": before, "reward_after": evaluate(params), "grpo_seconds": seconds,
             "final_kl": last["kl"], "final_clip_frac": last["clip_frac"],
             "final_response_length": last["response_length"]}
 
 
+def rlhf_config(preset: str) -> ml_collections.ConfigDict:
+    cfg = grpo_config(preset)
+    cfg.experiment = "rlhf"
+    cfg.rlhf = {"rm_steps": 300, "rm_eval_batches": 4, "ppo_steps": cfg.grpo.steps,
+                "vf_coef": 0.5, "gae_lambda": 0.95}
+    if preset == "smoke":
+        cfg.rlhf.update(rm_steps=10, rm_eval_batches=1)
+    return cfg
+
+
+def _reward_model(cfg, model_cfg, task, workdir: pathlib.Path):
+    """Bradley-Terry reward model trained with the shared loop; (params, held-out accuracy)."""
+    rm_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    rm_cfg.train.steps = cfg.rlhf.rm_steps
+    data = reward_model.PreferenceData(task, cfg.train.batch_size, cfg.train.seed + 10)
+    state, _ = train(reward_model.reward_model_task(model_cfg), rm_cfg, workdir / "reward_model",
+                     data)
+    params = nn.meta.unbox(state.params)
+    held_out = reward_model.PreferenceData(task, cfg.train.batch_size, cfg.train.seed + 99)
+    acc = []
+    for i in range(cfg.rlhf.rm_eval_batches):
+        b = held_out[i]
+        margin = (reward_model.sequence_reward(model_cfg, params, b["chosen"])
+                  - reward_model.sequence_reward(model_cfg, params, b["rejected"]))
+        acc.append(float((margin > 0).mean()))
+    return params, float(np.mean(acc))
+
+
+def run_rlhf(cfg, workdir: pathlib.Path) -> dict:
+    """Reward model from preferences, PPO-LM on its score vs GRPO on the rule reward, both
+    from the same SFT model with the same samples per step; judged by the true rule reward."""
+    model_cfg, task, sft = sft_start(cfg, workdir)
+    rm_params, rm_acc = _reward_model(cfg, model_cfg, task, workdir)
+    gc, evaluate = _grpo_parts(cfg, model_cfg, task)
+    before = evaluate(sft)
+    out = {"reward_before": before, "reward_model_accuracy": rm_acc}
+    # PPO-LM: policy and value model trained together; the value trunk starts from the RM.
+    lc = lm_ppo.LMPPOConfig(batch_size=gc.prompts_per_step * gc.group_size,
+                            max_new_tokens=gc.max_new_tokens, inner_steps=gc.inner_steps,
+                            clip_eps=gc.clip_eps, kl_coef=gc.kl_coef, vf_coef=cfg.rlhf.vf_coef,
+                            gae_lambda=cfg.rlhf.gae_lambda, temperature=gc.temperature)
+    score = lambda idx, tokens: reward_model.sequence_reward(model_cfg, rm_params, tokens)
+    tx = make_optimizer(cfg.rl_optimizer, cfg.rlhf.ppo_steps * lc.inner_steps)
+    both = (sft, rm_params)
+    (workdir / "ppo_lm").mkdir(exist_ok=True)
+    writer = MetricsWriter(workdir / "ppo_lm")
+    step = lm_ppo.make_lm_ppo_step(model_cfg, lc, task, score, tx)
+    both, secs = _rl_loop(step, (both, tx.init(both)), sft, cfg.rlhf.ppo_steps,
+                          cfg.train.seed + 1, writer, cfg.grpo.log_every, "ppo-lm")
+    writer.plot("curves.png")
+    out.update(ppo_lm_reward_after=evaluate(both[0]), ppo_lm_seconds=secs,
+               ppo_lm_final_kl=writer.rows()[-1]["kl"])
+    # GRPO on the rule reward, same start and sample budget.
+    tx = make_optimizer(cfg.rl_optimizer, cfg.grpo.steps * gc.inner_steps)
+    (workdir / "grpo").mkdir(exist_ok=True)
+    writer = MetricsWriter(workdir / "grpo")
+    step = grpo.make_grpo_step(model_cfg, gc, task, task.reward, tx)
+    params, secs = _rl_loop(step, (sft, tx.init(sft)), sft, cfg.grpo.steps,
+                            cfg.train.seed + 1, writer, cfg.grpo.log_every, "grpo")
+    writer.plot("curves.png")
+    out.update(grpo_reward_after=evaluate(params), grpo_seconds=secs,
+               grpo_final_kl=writer.rows()[-1]["kl"])
+    return out
+
+
 EXPERIMENTS = {"ppo": run_ppo, "stress": run_stress, "gymnasium": run_gymnasium,
-               "grpo": run_grpo}
+               "grpo": run_grpo, "rlhf": run_rlhf}
 
 
 def main(argv=None):

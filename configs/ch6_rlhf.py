@@ -1,0 +1,13 @@
+"""Chapter 6: RLHF on a tiny GPT: a reward model from preference pairs, PPO-LM on it, vs GRPO.
+
+python -m jaxcourse.ch6 --config=configs/ch6_rlhf.py:cpu
+Same task and SFT start as configs/ch6_grpo.py. A Bradley-Terry reward model is trained with
+the shared loop on (right sum, wrong sum) pairs; PPO-LM (value model, GAE over tokens, KL
+penalty to the SFT policy) optimizes its score; GRPO optimizes the rule reward with the same
+samples per step. Both are judged by the rule reward. Presets: smoke, cpu, gpu.
+"""
+from jaxcourse.ch6 import rlhf_config
+
+
+def get_config(preset: str = "cpu"):
+    return rlhf_config(preset)
