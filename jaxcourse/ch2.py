@@ -138,7 +138,7 @@ EXPERIMENTS = {"classify": run_classify, "ablation": run_ablation}
 
 
 def main(argv=None):
-    cli.run_chapter("ch2", EXPERIMENTS, default_config="ch2_digits", argv=argv)
+    return cli.run_chapter("ch2", EXPERIMENTS, default_config="ch2_digits", argv=argv)
 
 
 if __name__ == "__main__":

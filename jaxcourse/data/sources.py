@@ -124,7 +124,7 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Admits plain containers and numpy arrays; any other global is refused."""
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # bytes in protocol 2
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     }
 
