@@ -40,14 +40,16 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / scale)
 
 
-def check_grad(f: Callable[[jax.Array], jax.Array], x: np.ndarray, eps: float = 1e-5) -> float:
-    """Relative error between jax.grad(f) and central differences, in float64.
+def check_grad(f: Callable[[jax.Array], jax.Array], x: np.ndarray, eps: float = 1e-5,
+               grad_fn: Callable[[jax.Array], jax.Array] | None = None) -> float:
+    """Relative error between an analytic gradient and central differences, in float64.
 
-    `f` must be written with jnp so it can be traced at float64.
+    The analytic gradient is `grad_fn(x)` (e.g. hand-written backprop), by default
+    `jax.grad(f)`. Both must be written with jnp so they trace at float64.
     """
     with jax.enable_x64(True):
         x64 = jnp.asarray(x, dtype=jnp.float64)
-        analytic = np.asarray(jax.grad(f)(x64))
+        analytic = np.asarray(jax.jit(grad_fn or jax.grad(f))(x64))
         f_jit = jax.jit(f)  # the n-evaluation loop is dispatch-bound: compile once
         numeric = numerical_grad(lambda v: f_jit(jnp.asarray(v)), np.asarray(x64), eps)
     return relative_error(analytic, numeric)
