@@ -12,7 +12,7 @@ def get_config(preset: str = "cpu"):
     cfg.decode.update(prompt_len=16, new_tokens=(32, 128, 256), repeats=2)
     if preset == "smoke":
         cfg.model.context = 16
-        cfg.decode.update(prompt_len=4, new_tokens=(4, 8), repeats=1)
+        cfg.decode.update(prompt_len=4, new_tokens=(8,), repeats=1)
     elif preset == "gpu":
         cfg.model.context = 2048
         cfg.decode.update(batch_size=8, prompt_len=64, new_tokens=(128, 512, 1984), repeats=3)

@@ -11,4 +11,6 @@ def get_config(preset: str = "cpu"):
     cfg.experiment = "train"
     if preset == "cpu":
         cfg.decode.new_tokens = (16, 32, 56)
+    elif preset == "smoke":
+        cfg.decode.new_tokens = ()  # The decode experiment's smoke run times decoding.
     return cfg

@@ -203,15 +203,16 @@ def plot_attention(maps_LxHxTxT, text: str, path: pathlib.Path):
             axes[layer, head].imshow(maps_LxHxTxT[layer, head], cmap="viridis", vmin=0,
                                      vmax=1)
     for ax in axes.flat:
-        ax.set_xticks(range(t), labels, fontsize=4)
-        ax.set_yticks(range(t), labels, fontsize=4)
-        ax.tick_params(length=0)
-    for layer in range(n_layer):
-        axes[layer, 0].set_ylabel(f"layer {layer}")
-    for head in range(n_head):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for head in range(n_head):  # Characters along the bottom (keys) and left (queries).
+        axes[-1, head].set_xticks(range(t), labels, fontsize=5)
         axes[0, head].set_title(f"head {head}", fontsize=8)
+    for layer in range(n_layer):
+        axes[layer, 0].set_yticks(range(t), labels, fontsize=5)
+        axes[layer, 0].set_ylabel(f"layer {layer}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -222,14 +223,12 @@ def read_curve(workdir: pathlib.Path, key: str) -> tuple[list, list]:
     return tuple(map(list, zip(*points))) if points else ([], [])
 
 
-def plot_curves(curves: dict[str, tuple], path: pathlib.Path, ylabel: str, logy=True):
+def plot_lines(curves: dict[str, tuple], path: pathlib.Path, **axes_settings):
+    """One line per entry of `curves` ({label: (x, y)}); axes_settings go to ax.set."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in curves.items():
-        ax.plot(x, y, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
+        ax.plot(x, y, "o-" if len(x) < 8 else "-", label=name)
+    ax.set(**axes_settings)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -291,19 +290,12 @@ def run_context(cfg, workdir: pathlib.Path) -> dict:
         v = variant(cfg, train__batch_size=batch)
         state, m, mcfg = fit(v, workdir / f"context_{context}", corpus, context=context)
         by_pos = loss_by_position(mcfg, state.params, corpus, v)
-        curves[f"context {context}"] = (np.arange(1, context + 1), by_pos)
+        curves[f"context {context}"] = (np.arange(1, context + 1), np.exp(by_pos))
         rows.append({"context": context, "batch": batch, "val_loss": m["eval/loss"],
                      "val_ppl": m["eval/perplexity"], "last_position_loss": float(by_pos[-1]),
                      "steps_per_s": m["steps_per_second"]})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (x, y) in curves.items():
-        ax.plot(x, np.exp(y), label=name)
-    ax.set(xscale="log", xlabel="position in window (tokens of context)",
-           ylabel="validation perplexity")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(workdir / "context.png", dpi=90)
-    plt.close(fig)
+    plot_lines(curves, workdir / "context.png", xscale="log", yscale="log",
+               xlabel="position in window (tokens of context)", ylabel="validation perplexity")
     write_results(workdir, "Perplexity vs context length", [
         ("Validation perplexity (same tokens per step)", markdown_table(rows, list(rows[0])))])
     return {f"context_{r['context']}/{k}": v for r in rows for k, v in r.items()
@@ -333,7 +325,7 @@ def run_norm(cfg, workdir: pathlib.Path) -> dict:
     for ax, curves, label in [(axes[0], losses, "train loss"), (axes[1], grads, "grad norm")]:
         for name, (x, y) in curves.items():
             ax.plot(x, y, label=name)
-        ax.set(xlabel="step", ylabel=label, yscale="log")
+        ax.set(xlabel="step", ylabel=label, yscale="log" if label == "grad norm" else "linear")
         ax.legend()
     fig.tight_layout()
     fig.savefig(workdir / "norm.png", dpi=90)
@@ -357,14 +349,8 @@ def run_window(cfg, workdir: pathlib.Path) -> dict:
         curves[label] = (np.arange(1, mcfg.context + 1), np.exp(by_pos))
         rows.append({"window": label, "receptive_field": field, "val_loss": m["eval/loss"],
                      "val_ppl": m["eval/perplexity"], "steps_per_s": m["steps_per_second"]})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (x, y) in curves.items():
-        ax.plot(x, y, label=name)
-    ax.set(xscale="log", xlabel="position in window", ylabel="validation perplexity")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(workdir / "window.png", dpi=90)
-    plt.close(fig)
+    plot_lines(curves, workdir / "window.png", xscale="log", yscale="log",
+               xlabel="position in window (tokens of context)", ylabel="validation perplexity")
     write_results(workdir, "Sliding-window attention", [
         (f"context {cfg.model.context}, {cfg.model.n_layer} layers",
          markdown_table(rows, list(rows[0])))])
@@ -382,15 +368,11 @@ def run_decode(cfg, workdir: pathlib.Path) -> dict:
     if not rows:
         raise UserError(f"no decode.new_tokens value fits: prompt_len {cfg.decode.prompt_len} "
                         f"+ new tokens must be <= model.context {mcfg.context}")
-    fig, ax = plt.subplots(figsize=(6, 4))
     n = [r["new_tokens"] for r in rows]
-    ax.plot(n, [r["kv_cache_tok_s"] for r in rows], "o-", label="KV cache")
-    ax.plot(n, [r["recompute_tok_s"] for r in rows], "o-", label="recompute")
-    ax.set(xscale="log", yscale="log", xlabel="new tokens", ylabel="tokens / second")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(workdir / "decode.png", dpi=90)
-    plt.close(fig)
+    plot_lines({"KV cache": (n, [r["kv_cache_tok_s"] for r in rows]),
+                "recompute": (n, [r["recompute_tok_s"] for r in rows])},
+               workdir / "decode.png", xscale="log", yscale="log", xlabel="new tokens",
+               ylabel="tokens / second")
     d = cfg.decode
     write_results(workdir, "KV-cache decode vs recompute", [
         (f"{n_params(params)} params, {mcfg.n_layer} layers x {mcfg.d_model}, batch "

@@ -19,9 +19,13 @@ def _need_kernel(name):
 
 
 def _qkv(b=2, t=8, h=4, kvh=2, d=8, seed=0):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(kq, (b, t, h, d)), jax.random.normal(kk, (b, t, kvh, d)),
-            jax.random.normal(kv, (b, t, kvh, d)))
+    rng = np.random.default_rng(seed)  # numpy inputs: no per-shape XLA compiles
+    return tuple(rng.standard_normal(shape, np.float32)
+                 for shape in [(b, t, h, d), (b, t, kvh, d), (b, t, kvh, d)])
+
+
+# One compiled program per call signature instead of dozens of eagerly compiled ops.
+_attend = jax.jit(attn_lib.dot_product_attention, static_argnames=("impl", "causal", "window"))
 
 
 def _naive_attention(q, k, v, allowed_TxS):
@@ -57,8 +61,7 @@ def test_impls_agree_with_naive_reference(causal, window):
         allowed &= (j > i - window) & ((j < i + window) | causal)
     expected = _naive_attention(q, k, v, allowed)
     for impl in ("einsum", "xla"):
-        out, _ = attn_lib.dot_product_attention(q, k, v, impl=impl, causal=causal,
-                                                window=window)
+        out, _ = _attend(q, k, v, impl=impl, causal=causal, window=window)
         np.testing.assert_allclose(out, expected, atol=1e-5, err_msg=impl)
 
 
@@ -66,8 +69,8 @@ def test_pallas_impl_matches_einsum():
     _need_kernel("flash_attention")
     q, k, v = _qkv(b=1, t=16, h=2, kvh=1, d=8)
     for window in (0, 5):
-        ref, _ = attn_lib.dot_product_attention(q, k, v, impl="einsum", window=window)
-        out, _ = attn_lib.dot_product_attention(q, k, v, impl="pallas", window=window)
+        ref, _ = _attend(q, k, v, impl="einsum", window=window)
+        out, _ = _attend(q, k, v, impl="pallas", window=window)
         np.testing.assert_allclose(out, ref, atol=2e-5, err_msg=f"window={window}")
 
 
@@ -76,8 +79,8 @@ def test_padding_and_query_offsets_use_explicit_mask():
     valid = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
     q_last = q[:, 3:5]  # Two queries at positions 3 and 4 over all six keys.
     pos = jnp.array([3, 4])
-    outs = [attn_lib.dot_product_attention(q_last, k, v, impl=impl, q_positions=pos,
-                                           kv_valid=valid)[0] for impl in ("einsum", "xla")]
+    outs = [_attend(q_last, k, v, impl=impl, q_positions=pos, kv_valid=valid)[0]
+            for impl in ("einsum", "xla")]
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
     i, j = np.array([3, 4])[:, None], np.arange(6)[None, :]
     allowed = (j <= i) & np.asarray(valid)[:, None, None, :]  # [B,1,T,S] via broadcasting
@@ -88,8 +91,8 @@ def test_padding_and_query_offsets_use_explicit_mask():
 
 def test_window_blocks_gradient_from_outside_keys():
     q, k, v = _qkv(b=1, t=8)
-    grad = jax.grad(lambda v_: attn_lib.dot_product_attention(
-        q, k, v_, impl="xla", window=3)[0][0, 6].sum())(v)
+    grad = jax.jit(jax.grad(lambda v_: attn_lib.dot_product_attention(
+        q, k, v_, impl="xla", window=3)[0][0, 6].sum()))(v)
     # Query 6 with window 3 reads keys 4, 5, 6 only.
     touched = np.abs(np.asarray(grad[0])).sum(axis=(1, 2)) > 0
     np.testing.assert_array_equal(touched, [False] * 4 + [True] * 3 + [False])
@@ -102,36 +105,33 @@ def _attention_module(kvh):
 
 @pytest.mark.parametrize("kvh", [1, 2])
 def test_gqa_and_mqa_equal_mha_with_repeated_kv_heads(kvh):
-    x = jax.random.normal(jax.random.key(1), (2, 8, 32))
-    pos = jnp.arange(8)
+    x = np.random.default_rng(1).standard_normal((2, 8, 32), np.float32)
+    pos = np.arange(8)
     gqa = _attention_module(kvh)
-    params = nn.meta.unbox(gqa.init(jax.random.key(2), x, pos)["params"])
+    params = nn.meta.unbox(jax.jit(gqa.init)(jax.random.key(2), x, pos)["params"])
     mha_params = dict(params)
     for name in ("key", "value"):  # kernel [D, K, hd] -> [D, H, hd], head h reads h // G
         mha_params[name] = {"kernel": jnp.repeat(params[name]["kernel"], 4 // kvh, axis=1)}
-    out_gqa, _ = gqa.apply({"params": params}, x, pos)
-    out_mha, _ = _attention_module(4).apply({"params": mha_params}, x, pos)
+    out_gqa, _ = jax.jit(gqa.apply)({"params": params}, x, pos)
+    out_mha, _ = jax.jit(_attention_module(4).apply)({"params": mha_params}, x, pos)
     np.testing.assert_allclose(out_gqa, out_mha, atol=1e-5)
     chex.assert_shape(params["key"]["kernel"], (32, kvh, 8))
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    kq, kk = jax.random.split(jax.random.key(3))
-    q = jax.random.normal(kq, (1, 1, 1, 16))
-    k = jax.random.normal(kk, (1, 1, 1, 16))
+    q, k = np.random.default_rng(3).standard_normal((2, 1, 1, 1, 16), np.float32)
+    rope = jax.jit(layers.apply_rope)
 
     def score(m, n):
-        qm = layers.apply_rope(q, jnp.array([m]))
-        kn = layers.apply_rope(k, jnp.array([n]))
-        return float(jnp.sum(qm * kn))
+        return float(jnp.sum(rope(q, np.array([m])) * rope(k, np.array([n]))))
 
     for m, n, shift in [(5, 2, 7), (0, 9, 30), (3, 3, 100)]:
         assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-4)
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)  # it does see the offset
     # Rotation keeps norms: position 0 is the identity and every position is orthogonal.
-    np.testing.assert_allclose(layers.apply_rope(q, jnp.array([0])), q, atol=1e-6)
-    np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rope(q, jnp.array([17]))),
-                               jnp.linalg.norm(q), rtol=1e-5)
+    np.testing.assert_allclose(rope(q, np.array([0])), q, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(rope(q, np.array([17]))), np.linalg.norm(q),
+                               rtol=1e-5)
 
 
 def test_sinusoidal_table_closed_form():
@@ -144,10 +144,11 @@ def test_sinusoidal_table_closed_form():
 
 @pytest.mark.parametrize("kind,flax_cls", [("rmsnorm", nn.RMSNorm), ("layernorm", nn.LayerNorm)])
 def test_norm_matches_flax(kind, flax_cls):
-    x = jax.random.normal(jax.random.key(4), (2, 3, 16)) * 3 + 1
+    x = np.random.default_rng(4).standard_normal((2, 3, 16), np.float32) * 3 + 1
     ours = layers.Norm(kind, eps=1e-6)
-    params = nn.meta.unbox(ours.init(jax.random.key(5), x)["params"])
-    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.shape[0]), params)
+    params = {"scale": 1 + 0.1 * np.arange(16, dtype=np.float32)}
+    if kind == "layernorm":
+        params["bias"] = 0.05 * np.arange(16, dtype=np.float32)
     ref = flax_cls(epsilon=1e-6).apply({"params": params}, x)
     np.testing.assert_allclose(ours.apply({"params": params}, x), ref, atol=1e-5)
 
@@ -155,12 +156,14 @@ def test_norm_matches_flax(kind, flax_cls):
 def test_pallas_norm_matches_flax():
     _need_kernel("rms_norm")
     _need_kernel("layer_norm")
-    x = jax.random.normal(jax.random.key(6), (2, 8, 32))
+    x = np.random.default_rng(6).standard_normal((2, 8, 32), np.float32)
     for kind in ("rmsnorm", "layernorm"):
         ref_mod, pl_mod = layers.Norm(kind), layers.Norm(kind, impl="pallas")
-        params = nn.meta.unbox(ref_mod.init(jax.random.key(7), x)["params"])
-        np.testing.assert_allclose(pl_mod.apply({"params": params}, x),
-                                   ref_mod.apply({"params": params}, x), atol=1e-5)
+        params = {"scale": 1 + 0.1 * np.arange(32, dtype=np.float32)}
+        if kind == "layernorm":
+            params["bias"] = 0.05 * np.arange(32, dtype=np.float32)
+        np.testing.assert_allclose(jax.jit(pl_mod.apply)({"params": params}, x),
+                                   jax.jit(ref_mod.apply)({"params": params}, x), atol=1e-5)
 
 
 def test_bad_impl_and_heads_raise_user_errors():

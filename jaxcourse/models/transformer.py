@@ -15,6 +15,7 @@ how to extend a cache (`model.apply(..., tokens, cache=cache)` -> (logits, new c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -382,8 +383,12 @@ def lm_task(cfg: GPTConfig) -> Task:
 
 def attention_maps(cfg: GPTConfig, params, tokens_BxT):
     """Attention probabilities of every layer, [L, B, H, T, T], via the einsum reference."""
-    model = GPT(dataclasses.replace(cfg, attention="einsum"))
-    _, state = model.apply({"params": params}, tokens_BxT, mutable=["intermediates"])
+    return _attention_maps(dataclasses.replace(cfg, attention="einsum"), params, tokens_BxT)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_maps(cfg: GPTConfig, params, tokens_BxT):
+    _, state = GPT(cfg).apply({"params": params}, tokens_BxT, mutable=["intermediates"])
     blocks = state["intermediates"]["blocks"]
     if cfg.scan_layers:
         return blocks["layers"]["attention"]["attention_probs"][0]

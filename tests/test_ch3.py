@@ -1,0 +1,75 @@
+"""Chapter 3 end to end on smoke presets, plus its data helpers."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jaxcourse import ch3, config
+
+
+def _run(tmp_path, name, *overrides):
+    workdir = tmp_path / name
+    ch3.main([f"--config=configs/ch3_{name}.py:smoke", f"--workdir={workdir}", *overrides])
+    return workdir, json.loads((workdir / "summary.json").read_text())["metrics"]
+
+
+def test_train_experiment_writes_metrics_figures_and_sample(tmp_path):
+    workdir, m = _run(tmp_path, "gpt")
+    assert m["steps"] == 20
+    assert m["eval/perplexity"] == pytest.approx(math.exp(m["eval/loss"]), rel=1e-6)
+    # 20 steps must beat the uniform guess over the vocabulary: loss < ln(vocab).
+    assert m["eval/loss"] < math.log(m["vocab_size"])
+    for name in ("attention.png", "curves.png", "results.md", "sample.txt"):
+        assert (workdir / name).stat().st_size > 0, name
+    corpus = ch3.load_corpus(ch3.lm_base_config("smoke"))
+    prompt = corpus.tokenizer.decode(corpus.val[:8])  # the default prompt: validation text
+    assert (workdir / "sample.txt").read_text().startswith(prompt)
+
+
+def test_decode_experiment_compares_cache_with_recompute(tmp_path):
+    workdir, m = _run(tmp_path, "decode")
+    assert m["8/same_tokens"] is True  # KV cache and recompute agree token for token
+    assert m["8/kv_cache_tok_s"] > 0 and m["8/recompute_tok_s"] > 0
+    assert "KV-cache decode vs recompute" in (workdir / "results.md").read_text()
+
+
+def test_context_experiment_table(tmp_path):
+    workdir, m = _run(tmp_path, "context")
+    assert set(m) >= {"context_4/val_ppl", "context_16/val_ppl", "context_16/batch"}
+    assert m["context_4/batch"] == 16 and m["context_16/batch"] == 4  # same tokens per step
+    assert (workdir / "context.png").exists()
+
+
+def test_eval_windows_are_contiguous_and_shared():
+    tokens = np.arange(20, dtype=np.int32)
+    (batch,) = ch3.eval_windows(tokens, context=4, max_tokens=8, batch_size=16)
+    np.testing.assert_array_equal(batch["inputs"], [[0, 1, 2, 3], [4, 5, 6, 7]])
+    np.testing.assert_array_equal(batch["targets"], [[1, 2, 3, 4], [5, 6, 7, 8]])
+
+
+def test_corpus_from_a_text_file(shakespeare_path):
+    cfg = ch3.lm_base_config("smoke")
+    cfg.data.path, cfg.lm.max_chars = str(shakespeare_path), 0
+    corpus = ch3.load_corpus(cfg)
+    assert corpus.tokenizer.vocab_size == 65  # tinyshakespeare's distinct characters
+    n = len(shakespeare_path.read_text())
+    assert len(corpus.train) + len(corpus.val) == n
+    assert len(corpus.val) == int(n * cfg.lm.val_fraction)
+    assert corpus.tokenizer.decode(corpus.train[:9]) == "First Cit"
+
+
+def test_bad_model_setting_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ch3.main(["--config=configs/ch3_gpt.py:smoke", f"--workdir={tmp_path}",
+                  "--config.model.norm_position=middle"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "norm_position='middle'" in err
+
+
+def test_every_ch3_config_loads_all_presets():
+    for name, _ in config.experiments("ch3"):
+        for preset in config.PRESETS:
+            cfg, _, _ = config.load(f"{name}:{preset}")
+            assert cfg.experiment in ch3.EXPERIMENTS
