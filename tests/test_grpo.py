@@ -57,8 +57,8 @@ def test_token_logprobs_match_full_softmax():
     cfg = GPTConfig(vocab_size=13, context=8, n_layer=1, n_head=2, d_model=16, pos="learned")
     model = GPT(cfg)
     tokens = jax.random.randint(jax.random.key(0), (3, 7), 0, 13)
-    params = model.init(jax.random.key(1), tokens)["params"]
-    got = grpo.token_logprobs(cfg, params, tokens, prompt_len=4)
-    logp = jax.nn.log_softmax(model.apply({"params": params}, tokens), -1)
+    params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
+    got = jax.jit(grpo.token_logprobs, static_argnums=(0, 3))(cfg, params, tokens, 4)
+    logp = jax.nn.log_softmax(jax.jit(model.apply)({"params": params}, tokens), -1)
     want = jnp.stack([logp[:, t - 1][jnp.arange(3), tokens[:, t]] for t in range(4, 7)], 1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
