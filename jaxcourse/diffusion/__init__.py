@@ -1,0 +1,1 @@
+"""Diffusion models: schedules, the denoising task, samplers, guidance, quality metrics."""
