@@ -10,14 +10,14 @@ from jaxcourse.config import base_config
 def get_config(preset: str = "cpu"):
     cfg = base_config()
     cfg.experiment = "classify"
-    cfg.model = {"arch": "resnet", "width": 32, "stages": (1, 1, 1), "depth": 2,
+    cfg.model = {"arch": "resnet", "width": 16, "stages": (1, 1, 1), "depth": 2,
                  "dropout": 0.1, "norm": "batchnorm"}
     cfg.reg = {"label_smoothing": 0.1, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
                "crop_pad": 1, "flip": False}
     cfg.eval_batch_size = 512
     cfg.val_fraction = 0.1
     t, o = cfg.train, cfg.optimizer
-    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 600, 128, 100, 50, 10
+    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 400, 128, 100, 50, 10
     o.name, o.lr, o.schedule, o.weight_decay = "adamw", 3e-3, "onecycle", 5e-4
     if preset == "smoke":
         cfg.model.width, cfg.model.stages = 8, (1, 1)
