@@ -1,4 +1,4 @@
-"""Chapter 1: autodiff engines vs jax.grad, jvp/vjp, gradcheck, stable lse, hand-written backprop, optimizers, char LMs, NaN hunting.
+"""Chapter 1: backprop by hand and with JAX: engines, jvp/vjp, gradcheck, lse, MLP, optimizers, char LMs, NaNs.
 
 python -m jaxcourse.ch1 --config=configs/ch1_backprop.py:cpu
 One lab only:   python -m jaxcourse.ch1 --config.labs=charlm
@@ -24,13 +24,15 @@ def get_config(preset: str = "cpu"):
     cfg.modes = {"n_large": 1000, "n_small": 4, "repeats": 20}
     cfg.gradcheck = {"examples": 32, "hidden": 8}
     cfg.mlp = {"hidden": 64, "steps": 3000, "batch_size": 64, "lr": 0.1}
-    cfg.optimizers = {"names": ("sgd", "momentum", "nesterov", "adam", "adamw", "lion"),
-                      "lrs": (0.1, 0.05, 0.05, 3e-3, 3e-3, 3e-4),
+    # Learning rates are each method's usual range, picked by hand, not tuned per method.
+    cfg.optimizers = {"names": ("sgd", "momentum", "nesterov", "adam", "adamw", "lion",
+                                "adafactor", "muon"),
+                      "lrs": (0.1, 0.05, 0.05, 3e-3, 3e-3, 1e-3, 1e-2, 0.02),
                       "steps": 1000, "batch_size": 64, "hidden": 64, "weight_decay": 1e-2}
     cfg.charlm = {"corpus_chars": 300_000, "seq_len": 64, "context": 8, "embed_dim": 16,
                   "hidden_dim": 256, "bigram_lr": 0.1, "eval_windows": 256, "sample_chars": 400}
     t, o = cfg.train, cfg.optimizer
-    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 1500, 32, 500, 50, 50
+    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 1500, 32, 250, 50, 50
     o.name, o.lr, o.schedule, o.warmup_steps = "adamw", 3e-3, "warmup_cosine", 100
     if preset == "smoke":
         cfg.engine.update(scalar_examples=2, scalar_hidden=4, tensor_examples=64, tensor_hidden=8)

@@ -38,12 +38,17 @@ def _digits() -> dict:
             "x_test": flat(d["x_test"]), "y_test": d["y_test"]}
 
 
+def _init_mlp(cfg, digits, hidden: int) -> dict:
+    """The chapter's MLP (digits pixels -> hidden tanh -> 10 classes), seeded by train.seed."""
+    return mlp_backprop.init_params(jax.random.key(cfg.train.seed), digits["x_train"].shape[1], hidden, 10)
+
+
 def lab_engine(cfg, digits, workdir) -> dict:
     """Both engines' gradients of the MLP loss vs jax.grad (float32)."""
     c = cfg.engine
     x, y = digits["x_train"], digits["y_train"]
-    p_small = mlp_backprop.init_params(jax.random.key(cfg.train.seed), 64, c.scalar_hidden, 10)
-    p_big = mlp_backprop.init_params(jax.random.key(cfg.train.seed), 64, c.tensor_hidden, 10)
+    p_small = _init_mlp(cfg, digits, c.scalar_hidden)
+    p_big = _init_mlp(cfg, digits, c.tensor_hidden)
     scalar = checks.scalar_engine_vs_jax(p_small, x[:c.scalar_examples], y[:c.scalar_examples])
     vector = checks.tensor_engine_vs_jax(p_big, x[:c.tensor_examples], y[:c.tensor_examples])
     return {
@@ -69,7 +74,7 @@ def lab_gradcheck(cfg, digits, workdir) -> dict:
     """Finite differences (float64) vs jax.grad, vs hand-written backprop, vs a planted bug."""
     c = cfg.gradcheck
     x, y = digits["x_train"][:c.examples], digits["y_train"][:c.examples]
-    params = mlp_backprop.init_params(jax.random.key(cfg.train.seed), 64, c.hidden, 10)
+    params = _init_mlp(cfg, digits, c.hidden)
     p64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
     x64 = np.asarray(x, np.float64)
     loss_w1 = lambda w1: mlp_backprop.loss({**p64, "w1": w1}, x64, y)  # noqa: E731
@@ -111,7 +116,7 @@ def lab_lse(cfg, digits, workdir) -> dict:
 def lab_mlp(cfg, digits, workdir) -> dict:
     """The hand-written backward equals jax.grad, and trains the MLP with plain SGD."""
     c = cfg.mlp
-    params = mlp_backprop.init_params(jax.random.key(cfg.train.seed), 64, c.hidden, 10)
+    params = _init_mlp(cfg, digits, c.hidden)
     diff = mlp_backprop.max_abs_diff_vs_jax(params, digits["x_train"], digits["y_train"])
     params, losses = mlp_backprop.train_sgd(
         params, digits["x_train"], digits["y_train"], steps=c.steps, batch_size=c.batch_size,
@@ -152,6 +157,9 @@ def lab_optimizers(cfg, digits, workdir) -> dict:
     if len(c.names) != len(c.lrs):
         raise UserError(f"config optimizers.names has {len(c.names)} entries but "
                         f"optimizers.lrs has {len(c.lrs)}")
+    if len(set(c.names)) != len(c.names):  # each run lives in (and resumes from) opt_<name>/
+        raise UserError(f"config optimizers.names={tuple(c.names)} repeats a name; "
+                        "compare learning rates in separate runs")
     train_data = pipeline.batches({"x": digits["x_train"], "y": digits["y_train"]},
                                   c.batch_size, cfg.train.seed)
     eval_data = pipeline.eval_batches({"x": digits["x_test"], "y": digits["y_test"]}, 512)

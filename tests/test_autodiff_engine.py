@@ -120,8 +120,8 @@ def test_tensor_broadcasting_binary_ops():
     a, b, c = _rand(3, 4), _rand(4, seed=1), _rand(3, 1, seed=2, positive=True)
     _tensor_vs_jax(lambda a, b, c: ((a + b) * c - b / c).sum(), lambda a, b, c: jnp.sum((a + b) * c - b / c),
                    a, b, c)
-    _tensor_vs_jax(lambda a, c: (2.0 - a * 3.0 + 1.0 / c).mean(), lambda a, c: jnp.mean(2.0 - a * 3.0 + 1.0 / c),
-                   a, c)
+    _tensor_vs_jax(lambda a, c: (2.0 - a * 3.0 + 1.0 / c).mean(),
+                   lambda a, c: jnp.mean(2.0 - a * 3.0 + 1.0 / c), a, c)
 
 
 def test_tensor_matmul_reductions_and_shapes():

@@ -133,6 +133,7 @@ def test_one_lab_by_name(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("--config.labs=engine,nope", "unknown lab(s) nope"),
     ("--config.optimizers.lrs=(0.1,)", "optimizers.lrs has 1"),
+    ("--config.optimizers.names=('sgd','sgd')", "repeats a name"),
 ])
 def test_bad_config_is_one_line_and_exit_1(tmp_path, capsys, override, message):
     labs = [] if "labs" in override else ["--config.labs=optimizers"]
