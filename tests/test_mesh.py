@@ -53,4 +53,12 @@ def test_unknown_layout_and_axis_names():
     with pytest.raises(UserError, match="unknown mesh axis 'model'"):
         mesh_lib.mesh_config(model=2)
     assert dict(mesh_lib.mesh_config(tensor=2)) == {
-        "data": 1, "pipeline": 1, "fsdp": 1, "expert": 1, "tensor": 2, "rules": "gpt"}
+        "data": 1, "pipeline": 1, "fsdp": 1, "expert": 1, "tensor": 2, "rules": "gpt",
+        "devices": 0}
+
+
+def test_mesh_on_the_first_devices():
+    mesh = mesh_lib.make_mesh(mesh_lib.mesh_config(data=-1, devices=4))
+    assert mesh.shape["data"] == 4 and list(mesh.devices.flat) == jax.devices()[:4]
+    with pytest.raises(UserError, match="mesh.devices=9: there are 8 devices"):
+        mesh_lib.make_mesh(mesh_lib.mesh_config(devices=9))

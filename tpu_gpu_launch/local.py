@@ -89,7 +89,7 @@ def run(argv=None) -> int:
         pumps.append(t)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     code = 0
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):  # poll() every process (no short cut).
         failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
         late = deadline is not None and time.monotonic() > deadline
         if failed or late:

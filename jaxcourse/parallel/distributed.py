@@ -7,8 +7,10 @@ Where the settings come from:
   * tpu_gpu_launch/local.py (and any launcher of your own) sets
       JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>  (read by jax itself)
       JAX_NUM_PROCESSES=<n>  JAX_PROCESS_ID=<i>
-  * SLURM, Open MPI and Cloud TPU pods: jax auto-detects everything; we only need to
-    know we are in one (SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1, TPU worker list).
+  * SLURM and Open MPI: jax auto-detects everything; we only need to know we are in one
+    (SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1).
+  * Cloud TPU pods (tpu_gpu_launch/tpu_pod.sh) and anything else jax can auto-detect:
+    JAXCOURSE_DISTRIBUTED=auto.
 On CPU the processes exchange collectives through gloo, standing in for NCCL / ICI.
 """
 from __future__ import annotations
@@ -24,9 +26,9 @@ _started = False
 
 def _auto_detected_cluster() -> bool:
     env = os.environ
-    return (int(env.get("SLURM_NTASKS", "1")) > 1
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    return (env.get("JAXCOURSE_DISTRIBUTED", "") == "auto"
+            or int(env.get("SLURM_NTASKS", "1")) > 1
+            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
 def settings() -> dict | None:
@@ -44,7 +46,7 @@ def settings() -> dict | None:
         return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"], "num_processes": n,
                 "process_id": i}
     if _auto_detected_cluster():
-        return {}  # jax reads SLURM / Open MPI / TPU variables itself.
+        return {}  # jax reads the SLURM / Open MPI / TPU settings itself.
     return None
 
 

@@ -38,14 +38,15 @@ LAYOUTS: dict[str, dict[str, int]] = {
 }
 
 
-def mesh_config(rules: str = "gpt", **sizes: int) -> ml_collections.ConfigDict:
+def mesh_config(rules: str = "gpt", devices: int = 0, **sizes: int) -> ml_collections.ConfigDict:
     """The config section `mesh`: every axis (unnamed ones get size 1, -1 = the rest of
-    the devices) and the name of the logical-axis rule table (see rules.RULES)."""
+    the devices), the name of the logical-axis rule table (see rules.RULES), and how many
+    devices to use (0 = all of them; N = the first N, for comparisons on one machine)."""
     unknown = sorted(set(sizes) - set(AXES))
     if unknown:
         raise UserError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(AXES)}")
     return ml_collections.ConfigDict({**{a: int(sizes.get(a, 1)) for a in AXES},
-                                      "rules": rules})
+                                      "rules": rules, "devices": int(devices)})
 
 
 def layout_config(name: str) -> ml_collections.ConfigDict:
@@ -61,7 +62,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     Raises UserError (before anything is compiled) when they cannot.
     """
     shape = {a: int(sizes.get(a, 1)) for a in AXES}
-    unknown = sorted(set(sizes) - set(AXES) - {"rules"})
+    unknown = sorted(set(sizes) - set(AXES) - {"rules", "devices"})
     if unknown:
         raise UserError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(AXES)}")
     rest = [a for a, n in shape.items() if n == -1]
@@ -84,11 +85,28 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The project mesh: all five axes, explicit Auto axis types."""
-    devices = list(jax.devices() if devices is None else devices)
+    """The project mesh: all five axes, explicit Auto axis types.
+
+    Devices: the given ones, else the first `sizes["devices"]` (0 or absent: all).
+    """
+    if devices is None:
+        devices = select_devices(int(sizes.get("devices", 0)))
+    devices = list(devices)
     shape = mesh_shape(sizes, len(devices))
     return jax.make_mesh(tuple(shape[a] for a in AXES), AXES,
                          axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def select_devices(n: int) -> list[jax.Device]:
+    """The first n devices (0: all). With several processes every device must take part."""
+    available = jax.devices()
+    if n == 0:
+        return available
+    if not 0 < n <= len(available):
+        raise UserError(f"mesh.devices={n}: there are {len(available)} devices")
+    if n < len(available) and jax.process_count() > 1:
+        raise UserError(f"mesh.devices={n}: a multi-process run uses all {len(available)} devices")
+    return available[:n]
 
 
 def batch_shards(mesh: Mesh) -> int:

@@ -208,5 +208,9 @@ class ScanStackPipeline:
 
 
 def pipelined(module_type: type, mesh: Mesh, microbatches: int):
-    """Context manager: calls to `module_type` inside run as a GPipe pipeline on `mesh`."""
+    """Context manager: calls to `module_type` inside run as a GPipe pipeline on `mesh`.
+
+    Enter it *inside* the function you jit (e.g. the loss): jax caches traces by function
+    and does not see flax interceptors, so a function traced without it stays unpipelined.
+    """
     return nn.intercept_methods(ScanStackPipeline(module_type, mesh, microbatches))

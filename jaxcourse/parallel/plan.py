@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcourse.errors import UserError
 from jaxcourse.parallel.batch import batch_sharding, put_global
-from jaxcourse.parallel.mesh import AXES, batch_shards, check_batch, make_mesh
+from jaxcourse.parallel.mesh import batch_shards, check_batch, make_mesh
 from jaxcourse.parallel.rules import (Rules, get_rules, match_shardings, tree_shardings, unbox,
                                       use_mesh)
 
@@ -37,8 +37,7 @@ class ShardingPlan:
         section = cfg.get("mesh") if hasattr(cfg, "get") else None
         if section is None:
             return None
-        sizes = {a: section.get(a, 1) for a in AXES}
-        plan = cls(make_mesh(sizes), get_rules(section.get("rules", "gpt")))
+        plan = cls(make_mesh(section), get_rules(section.get("rules", "gpt")))
         # The batch each device sees per microbatch must split evenly: fail before compiling.
         check_batch(cfg.train.batch_size // max(cfg.train.grad_accum, 1), plan.mesh)
         return plan

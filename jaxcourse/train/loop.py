@@ -275,8 +275,13 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
     progress = _Progress(tc.steps, start)
     first_end, t_first = None, None  # the first call compiles: time from its end on.
 
+    saving = [0.0]  # Seconds spent in checkpoint saves: not step time (a sharded state's
+                    # first save compiles orbax's copy programs, seconds on CPU).
+
     def save(at: int):
+        t0 = time.perf_counter()
         ckpt.save(at, state, {"data_position": at})
+        saving[0] += time.perf_counter() - t0
 
     mesh_context.__enter__()
     try:
@@ -343,7 +348,7 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
     if main:
         writer.plot()
     timed = (start - first_end) if first_end is not None else 0
-    steps_per_second = timed / (t_end - t_first) if timed > 0 else float("nan")
+    steps_per_second = timed / (t_end - t_first - saving[0]) if timed > 0 else float("nan")
     batch = jax.tree.leaves(first)[0].shape[0]
     final = {**train_row, **eval_metrics, "steps": int(state.step),
              "steps_per_second": steps_per_second,

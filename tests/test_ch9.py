@@ -1,0 +1,80 @@
+"""Chapter 9 end to end on 8 simulated CPU devices: every layout against one device, the
+memory-budget lab, the throughput math, and bad meshes failing before anything compiles."""
+import json
+import time
+
+import pytest
+
+from jaxcourse import ch9
+from jaxcourse.models.transformer import GPTConfig
+from jaxcourse.parallel import flops
+
+LAYOUTS = ("dp", "fsdp", "tp", "fsdp_tp", "pp")
+
+
+def _summary(workdir):
+    return json.loads((workdir / "summary.json").read_text())["metrics"]
+
+
+def test_every_layout_matches_single_device(tmp_path):
+    ch9.main(["--config=configs/ch9_layouts.py:smoke", f"--workdir={tmp_path}"])
+    m = _summary(tmp_path)
+    for layout in LAYOUTS:
+        assert m[f"{layout}/max_loss_diff"] < 1e-5, layout  # f32: the same math, resharded
+    # Adam: parameters + two moments = 12 bytes per parameter, plus 2 int32 step counters
+    # (Adam's count and the schedule's), replicated.
+    n = m["n_params"]
+    assert m["single/param_opt_bytes_per_device"] == 12 * n + 8
+    assert m["dp/param_opt_bytes_per_device"] == 12 * n + 8  # data parallel replicates
+    assert m["fsdp/param_opt_bytes_per_device"] == 12 * n // 8 + 8  # ZeRO-3: all split 8 ways
+    assert m["fsdp_tp/param_opt_bytes_per_device"] < m["tp/param_opt_bytes_per_device"]
+    table = (tmp_path / "layouts.md").read_text()
+    assert table.count("\n| ") == 6 and "bubble 43%" in table  # 4 stages, 4 microbatches
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.mesh.tensor=3", "mesh data=-1 x tensor=3: the fixed axes (3 devices) do not divide"),
+    ("--config.mesh.data=4", "mesh data=4 needs 4 devices but 8 are available"),
+    ("--config.train.batch_size=6", "batch_size=6 is not divisible by data=8"),
+])
+def test_bad_mesh_is_one_line_before_compiling(tmp_path, capsys, override, message):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        ch9.main(["--config=configs/ch9_train.py:smoke", override, f"--workdir={tmp_path}"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "checkpoints").exists()
+    assert time.perf_counter() - start < 20  # no model was compiled
+
+
+def test_memory_lab_remat_fits_a_larger_model(tmp_path):
+    ch9.main(["--config=configs/ch9_memory.py:smoke", f"--workdir={tmp_path}"])
+    m = _summary(tmp_path)
+    plain, remat = "single/none/float32", "single/full/float32"
+    assert m[f"{remat}/largest_d_model"] > m[f"{plain}/largest_d_model"] > 0
+    for label in (plain, remat):
+        assert m[f"{label}/total_mib"] <= 4.0  # the smoke budget
+    assert (tmp_path / "memory.png").exists()
+
+
+def test_throughput_experiment_counts_flops_three_ways(tmp_path):
+    ch9.main(["--config=configs/ch9_throughput.py:smoke", f"--workdir={tmp_path}"])
+    m = _summary(tmp_path)
+    assert 0 < m["mfu"] < 1
+    assert m["achieved_flops_per_second"] == pytest.approx(
+        m["tokens_per_second"] * m["flops_per_token_by_hand"])
+    # XLA also counts softmax, norms, GELU and the optimizer: a little more than the matmuls.
+    assert 1.0 < m["flops_per_token_xla"] / m["flops_per_token_by_hand"] < 1.3
+    assert m["flops_per_token_by_hand"] == 3 * sum(
+        m[f"forward_{part}"] for part in ("projections", "attention", "mlp", "head"))
+
+
+def test_six_n_plus_twelve_ltd_is_the_hand_count():
+    cfg = GPTConfig(vocab_size=256, context=64, n_layer=2, n_head=4, d_model=256)
+    by_hand = flops.gpt_train_flops_per_token(cfg, 64)
+    n = 2 * (4 * 256 * 256 + 2 * 256 * 1024)  # q, k, v, out + the two MLP matrices per layer
+    assert flops.kaplan_flops_per_token(n, cfg, 64) == by_hand
+    # Per token and layer: projections 8d^2, MLP 16d^2, attention 4Td; head 2dV.
+    assert sum(flops.gpt_forward_flops_per_token(cfg, 64).values()) == (
+        2 * (8 * 256 ** 2 + 16 * 256 ** 2 + 4 * 64 * 256) + 2 * 256 * 256)

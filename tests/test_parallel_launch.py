@@ -1,0 +1,57 @@
+"""Multi-process plumbing without jax: the launcher's environments, exit codes, env parsing."""
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from jaxcourse.errors import UserError
+from jaxcourse.parallel import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tpu_gpu_launch"))
+import local  # noqa: E402
+
+
+def test_child_env_per_platform():
+    args = SimpleNamespace(port=1234, processes=2, devices_per_process=3, platform="cpu")
+    env = local.child_env({"XLA_FLAGS": "--foo --xla_force_host_platform_device_count=8"}, 1, args)
+    assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
+    assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("2", "1")
+    assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=3"
+    args.platform = "gpu"
+    assert local.child_env({}, 1, args)["CUDA_VISIBLE_DEVICES"] == "3,4,5"
+
+
+def test_launcher_stops_everyone_when_one_process_fails():
+    script = ("import os, sys, time\n"
+              "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+              "time.sleep(60)\n")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(REPO / "tpu_gpu_launch" / "local.py"),
+                           "--processes", "2", "--", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 3
+    assert "a process failed (exit 3)" in done.stderr
+    assert time.monotonic() - start < 30  # process 0 was stopped, not waited for
+
+
+def test_distributed_settings_from_environment(monkeypatch):
+    for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS",
+                "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAXCOURSE_DISTRIBUTED"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.settings() is None  # a plain single-process run
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert distributed.settings() == {}  # jax reads SLURM's variables itself
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:999")
+    assert distributed.settings() == {"coordinator_address": "127.0.0.1:999",
+                                      "num_processes": 2, "process_id": 1}
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(UserError, match=r"JAX_PROCESS_ID=2 is not in \[0, JAX_NUM_PROCESSES=2\)"):
+        distributed.settings()
+    assert os.environ.get("JAX_PROCESS_ID") == "2"
