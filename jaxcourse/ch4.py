@@ -1,0 +1,349 @@
+"""Chapter 4: large language models: tokenizers, GPT pretraining, SFT and LoRA.
+
+    python -m jaxcourse.ch4 --config=configs/ch4_gpt.py:cpu --config.data.path=FILE   # pretrain
+    python -m jaxcourse.ch4 --config=configs/ch4_gpt2.py:gpu --config.data.path=FILE  # GPT-2 124M
+    python -m jaxcourse.ch4 --config=configs/ch4_finetune.py:cpu                      # SFT vs LoRA
+
+Lab: train a tokenizer (characters or byte-level BPE) and a GPT on any text with the shared
+loop, report validation loss the way nanoGPT does (mean over 200 random batches of the last
+10% of the text) and tokens/s; then teach the pretrained model procedurally generated
+instructions three ways: prompting with examples, full supervised fine-tuning with the loss
+masked to the answer, and LoRA adapters (jaxcourse.models.lora) trained through the same loop.
+"""
+import dataclasses
+import functools
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxcourse import cli, config  # noqa: E402
+from jaxcourse.data import pipeline, sft, sources  # noqa: E402
+from jaxcourse.data import tokenizers as toklib  # noqa: E402
+from jaxcourse.errors import UserError  # noqa: E402
+from jaxcourse.models import decode, lora  # noqa: E402
+from jaxcourse.models.transformer import (GPT, GPTConfig, gpt_config, lm_loss,  # noqa: E402
+                                          lm_task, model_section)
+from jaxcourse.train import Checkpointer, Task, make_optimizer, make_step, train  # noqa: E402
+from jaxcourse.train.loop import init_state  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------
+# Config.
+
+def pretrain_config(preset: str):
+    """Pretraining presets. `cpu` is nanoGPT's shakespeare-char CPU run, hyper-parameter for
+    hyper-parameter: no bias, learned positions, LayerNorm, tied embeddings, AdamW(0.9, 0.99),
+    weight decay 0.1, 100 warmup steps then cosine to lr/10, clip 1.0, no dropout."""
+    cfg = config.base_config()
+    cfg.experiment = "gpt"
+    cfg.data.name = "stdlib"
+    cfg.model = model_section(vocab_size=0, context=64, n_layer=4, n_head=4, d_model=128,
+                              pos="learned", norm="layernorm", bias=False, attention="xla")
+    cfg.tokenizer = {"name": "char", "vocab_size": 512}  # vocab_size: BPE only.
+    cfg.lm = {"max_chars": 0, "val_fraction": 0.1, "eval_batches": 200, "monitor_batches": 20,
+              "prompt": "\n", "sample_tokens": 200, "temperature": 0.8, "top_k": 0}
+    t, o = cfg.train, cfg.optimizer
+    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 2000, 12, 250, 50, 50
+    o.name, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio = "adamw", 1e-3, "warmup_cosine", 100, 0.1
+    o.weight_decay, o.b1, o.b2, o.clip_norm = 0.1, 0.9, 0.99, 1.0
+    if preset == "smoke":
+        cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
+        cfg.lm.update(max_chars=20_000, eval_batches=4, monitor_batches=2, sample_tokens=8)
+        t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 20, 4, 10, 10, 10
+        o.warmup_steps = 5
+    elif preset == "gpu":  # nanoGPT's config/train_shakespeare_char.py.
+        cfg.model.update(context=256, n_layer=6, n_head=6, d_model=384, dropout=0.2,
+                         dtype="bfloat16", attention="cudnn")
+        cfg.lm.update(sample_tokens=250)
+        t.steps, t.batch_size, t.eval_every, t.steps_per_call = 5000, 64, 250, 50
+        t.precision = "bfloat16"
+    return cfg
+
+
+def finetune_config(preset: str):
+    """Pretraining presets plus the SFT / LoRA sections (base: a pretraining workdir, or ""
+    to pretrain one first inside this run's workdir)."""
+    cfg = pretrain_config(preset)
+    cfg.experiment = "finetune"
+    cfg.finetune = {"base": "", "tasks": ("upper", "reverse"), "train_examples": 4000,
+                    "eval_examples": 400, "heldout_fraction": 0.2, "shots": 3, "steps": 300,
+                    "batch_size": 32, "lr": 3e-4, "lora_lr": 2e-3, "warmup_steps": 20,
+                    "steps_per_call": 25, "forget_batches": 20}
+    cfg.lora = {"rank": 8, "alpha": 16.0, "targets": lora.LoRAConfig.targets,
+                "lora_plus_ratio": 4.0}
+    if preset == "smoke":
+        cfg.model.context = 32
+        cfg.finetune.update(train_examples=64, eval_examples=16, steps=4, batch_size=8,
+                            warmup_steps=1, steps_per_call=4, forget_batches=2)
+        cfg.train.steps = 10
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Data.
+
+@dataclasses.dataclass
+class Corpus:
+    tokenizer: toklib.Tokenizer
+    train: np.ndarray  # int32 token ids, the first 1 - val_fraction of the text
+    val: np.ndarray    # the held-out tail
+    fertility: float   # tokens per word of the whole text
+
+
+def load_corpus(cfg) -> Corpus:
+    text = sources.load_text(cfg.data)[:cfg.lm.max_chars or None]
+    tok = toklib.make_tokenizer(cfg.tokenizer.name, text, cfg.tokenizer.vocab_size)
+    ids = np.asarray(tok.encode(text), np.int32)
+    n_train = int(len(ids) * (1.0 - cfg.lm.val_fraction))
+    if n_train <= cfg.model.context + 1 or len(ids) - n_train <= cfg.model.context + 1:
+        raise UserError(f"corpus of {len(ids)} tokens is too short to split into train and "
+                        f"validation windows of context {cfg.model.context}")
+    return Corpus(tok, ids[:n_train], ids[n_train:], len(ids) / max(len(text.split()), 1))
+
+
+def random_batches(tokens: np.ndarray, n: int, batch_size: int, context: int, seed: int):
+    """n batches of random windows (nanoGPT's get_batch), the same ones on every call."""
+    data = pipeline.lm_batches(tokens, batch_size, context, seed)
+    return [data[i] for i in range(n)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def logits_fn(model_cfg: GPTConfig, params, inputs_BxT):
+    """Compiled once per (model config, input shape); params are an argument, not constants."""
+    return GPT(model_cfg).apply({"params": params}, inputs_BxT)
+
+
+def mean_loss(model_cfg: GPTConfig, params, batches) -> float:
+    """Mean over batches of the batch-mean next-token loss (nats)."""
+    return float(np.mean([lm_loss(logits_fn(model_cfg, params, b["inputs"]), b["targets"])[0]
+                          for b in batches]))
+
+
+# ---------------------------------------------------------------------------------------
+# Saving and loading a trained model (the finetune experiment starts from one).
+
+def save_model(workdir: pathlib.Path, model_cfg: GPTConfig, params, tok) -> None:
+    (workdir / "model.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
+    tok.save(workdir / "tokenizer.json")
+    ckpt = Checkpointer(workdir / "model", keep=1)
+    ckpt.save(0, {"params": params}, {})
+    ckpt.wait()
+
+
+def load_model(workdir: pathlib.Path):
+    """(GPTConfig, params, tokenizer) saved by `save_model` in a pretraining workdir."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "model.json").is_file():
+        raise UserError(f"no pretrained model in {workdir} (model.json missing); run "
+                        "python -m jaxcourse.ch4 --config=configs/ch4_gpt.py first")
+    model_cfg = GPTConfig(**json.loads((workdir / "model.json").read_text()))
+    tok = toklib.load_tokenizer(workdir / "tokenizer.json")
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(GPT(model_cfg).init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    restored = Checkpointer(workdir / "model", keep=1).restore_latest({"params": abstract})
+    if restored is None:
+        raise UserError(f"no saved parameters under {workdir / 'model'}")
+    return model_cfg, restored[0]["params"], tok
+
+
+def sample_text(model_cfg, params, tok, cfg, seed: int = 0) -> str:
+    s = cfg.lm
+    ids = tok.encode(s.prompt)[-(model_cfg.context - 1):] or [0]
+    n = min(s.sample_tokens, model_cfg.context - len(ids))
+    out = decode.generate(GPT(model_cfg), params, jnp.asarray([ids], jnp.int32),
+                          jax.random.key(seed), max_new_tokens=n, temperature=s.temperature,
+                          top_k=s.top_k)
+    return s.prompt + tok.decode(np.asarray(out[0]).tolist())
+
+
+# ---------------------------------------------------------------------------------------
+# Experiments.
+
+def run_gpt(cfg, workdir: pathlib.Path) -> dict:
+    """Pretrains a GPT; val_loss as nanoGPT reports it, tokens/s of the compiled steps."""
+    corpus = load_corpus(cfg)
+    model_cfg = gpt_config(cfg.model, vocab_size=cfg.model.vocab_size or corpus.tokenizer.vocab_size)
+    t, context = cfg.train, model_cfg.context
+    data = pipeline.lm_batches(corpus.train, t.batch_size, context, t.seed)
+    val = random_batches(corpus.val, cfg.lm.eval_batches, t.batch_size, context, t.seed + 1)
+    # The loop's periodic eval draws the curve on a few batches; val_loss uses all of them.
+    monitor = val[:cfg.lm.monitor_batches] if cfg.lm.monitor_batches else None
+    state, m = train(lm_task(model_cfg), cfg, workdir, data, monitor)
+    params = state.ema_params if state.ema_params is not None else state.params
+    val_loss = mean_loss(model_cfg, params, val)
+    save_model(workdir, model_cfg, params, corpus.tokenizer)
+    sample = sample_text(model_cfg, params, corpus.tokenizer, cfg)
+    (workdir / "sample.txt").write_text(sample)
+    print(f"val loss {val_loss:.4f}; {1000 / m['steps_per_second']:.1f} ms/step\n{sample}")
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return {"val_loss": val_loss, "train/loss": m["train/loss"], "steps": m["steps"],
+            "tokens_per_second": m["steps_per_second"] * t.batch_size * context,
+            "train_ms_per_step": 1000.0 / m["steps_per_second"], "params": n_params,
+            "vocab_size": model_cfg.vocab_size, "fertility": corpus.fertility,
+            "jax_version": jax.__version__}
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tuning: prompting vs full SFT vs LoRA.
+
+EVAL_BATCH = 64  # one compiled forward shape for accuracy and forgetting evals.
+
+def _derived(cfg, steps: int, lr: float):
+    """A copy of cfg for a fine-tuning run: its own steps, batch, lr and a short warmup."""
+    f = cfg.finetune
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.train.update(steps=steps, batch_size=f.batch_size, eval_every=steps, log_every=10,
+                   steps_per_call=min(f.steps_per_call, steps), ema_decay=0.0)
+    c.optimizer.update(lr=lr, warmup_steps=f.warmup_steps, weight_decay=0.0)
+    return c
+
+
+def base_model(cfg, workdir: pathlib.Path):
+    """(model config, params, tokenizer, base metrics): loaded, or pretrained here first."""
+    if cfg.finetune.base:
+        model_cfg, params, tok = load_model(cfg.finetune.base)
+        return model_cfg, params, tok, {}
+    metrics = run_gpt(cfg, workdir / "pretrain")
+    model_cfg, params, tok = load_model(workdir / "pretrain")
+    return model_cfg, params, tok, {f"pretrain/{k}": v for k, v in metrics.items()}
+
+
+def sft_sets(cfg, tok, context: int, text: str) -> dict:
+    """Encoded train set, held-out set (zero-shot and few-shot prompts) and their task names."""
+    f = cfg.finetune
+    words = sft.encodable_words(sft.words_from_text(text), f.tasks, tok)
+    train_words, held_words = sft.split_words(words, f.heldout_fraction)
+    train_ex = sft.make_examples(train_words, f.tasks, f.train_examples, cfg.train.seed)
+    held_ex = sft.make_examples(held_words, f.tasks, f.eval_examples, cfg.train.seed + 1)
+    shots = sft.make_examples(train_words, f.tasks, 8 * len(f.tasks), cfg.train.seed + 2)
+    return {"train": sft.encode_examples(train_ex, tok, context),
+            "heldout": sft.encode_examples(held_ex, tok, context),
+            "few_shot": sft.encode_examples(sft.few_shot(held_ex, shots, context, tok, f.shots),
+                                            tok, context),
+            "tasks": np.array([p.split(":")[0] for p, _ in held_ex]),
+            "examples": held_ex}
+
+
+def exact_match(model_cfg: GPTConfig, params, arrays: dict, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Per-example greedy exact match [N] (see jaxcourse.data.sft.answer_accuracy)."""
+    n = len(arrays["inputs"])
+    out = []
+    for i in range(0, n, batch_size):
+        idx = np.arange(i, i + batch_size) % n  # a full last batch: one compiled shape.
+        batch = {k: v[idx] for k, v in arrays.items()}
+        logits = logits_fn(model_cfg, params, batch["inputs"])
+        out.append(sft.answer_accuracy(np.asarray(logits), batch))
+    return np.concatenate(out)[:n]
+
+
+def step_memory(task: Task, cfg, batch: dict) -> dict:
+    """Compiled memory of one training step (XLA's memory_analysis of the jitted step)."""
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    state = jax.eval_shape(init_state(task, tx, cfg, batch), jax.random.PRNGKey(0))
+    compiled = jax.jit(make_step(task, tx, cfg), donate_argnums=0).lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+    peak = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp
+    trainable = lora.count(state.params)
+    opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
+    return {"trainable_params": trainable, "optimizer_state_MB": opt / 2**20,
+            "arguments_MB": args / 2**20, "temp_MB": temp / 2**20, "peak_MB": peak / 2**20}
+
+
+def fine_tune(name: str, task: Task, cfg, workdir: pathlib.Path, sets: dict):
+    """One fine-tuning run through the shared loop; returns (state, row of the table)."""
+    data = pipeline.batches(sets["train"], cfg.train.batch_size, cfg.train.seed)
+    evals = pipeline.eval_batches(sets["heldout"], EVAL_BATCH)
+    state, m = train(task, cfg, workdir / name, data, evals)
+    row = {"method": name, "steps": m["steps"], "train_loss": m["train/loss"],
+           "heldout_answer_loss": m["eval/loss"], "step_ms": 1000 / m["steps_per_second"]}
+    row.update(step_memory(task, cfg, data[0]))
+    return state, row
+
+
+def run_finetune(cfg, workdir: pathlib.Path) -> dict:
+    """Teaches the pretrained GPT string tasks: few-shot prompting, full SFT, LoRA."""
+    f, lc = cfg.finetune, cfg.lora
+    model_cfg, base, tok, metrics = base_model(cfg, workdir)
+    text = sources.load_text(cfg.data)[:cfg.lm.max_chars or None]
+    sets = sft_sets(cfg, tok, model_cfg.context, text)
+    val_ids = np.asarray(tok.encode(text[int(len(text) * (1 - cfg.lm.val_fraction)):]), np.int32)
+    forget = random_batches(val_ids, f.forget_batches, EVAL_BATCH, model_cfg.context, 7)
+
+    def evaluate(method, params, row=None):
+        row = dict(row or {"method": method})
+        hits = exact_match(model_cfg, params, sets["few_shot" if method == "prompting" else "heldout"])
+        row["accuracy"] = float(hits.mean())
+        for t in f.tasks:
+            row[f"acc_{t}"] = float(hits[sets["tasks"] == t].mean())
+        row["pretrain_val_loss"] = mean_loss(model_cfg, params, forget)  # forgetting
+        return row
+
+    rows = [evaluate("prompting", base, {"method": "prompting", "trainable_params": 0})]
+    full_task = lm_task(model_cfg)
+    sft_task = Task(init=lambda rng, batch: (base, {}), loss=full_task.loss)
+    sft_state, row = fine_tune("sft", sft_task, _derived(cfg, f.steps, f.lr), workdir, sets)
+    rows.append(evaluate("sft", sft_state.params, row))
+    lcfg = lora.LoRAConfig(rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets),
+                           lora_plus_ratio=lc.lora_plus_ratio)
+    ltask = lora.lora_task(full_task, base, lcfg, model_cfg.d_model)
+    lora_state, row = fine_tune("lora", ltask, _derived(cfg, f.steps, f.lora_lr), workdir, sets)
+    rows.append(evaluate("lora", lora.merge(base, lora_state.params, lcfg), row))
+    write_finetune_results(workdir, rows, sets, f.tasks)
+    for r in rows:
+        metrics.update({f"{r['method']}/{k}": v for k, v in r.items() if k != "method"})
+    return metrics
+
+
+def write_finetune_results(workdir: pathlib.Path, rows: list[dict], sets: dict, tasks):
+    cols = ["method", "trainable_params", "accuracy", *[f"acc_{t}" for t in tasks],
+            "pretrain_val_loss"]
+    perf = ["method", "trainable_params", "optimizer_state_MB", "arguments_MB", "temp_MB",
+            "peak_MB", "step_ms"]
+    text = ("# Fine-tuning: prompting vs SFT vs LoRA\n\n## Held-out exact match\n\n"
+            + markdown_table(rows, cols) + "\n## Cost per training step\n\n"
+            + markdown_table(rows[1:], perf))
+    (workdir / "results.md").write_text(text)
+    print(text)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        ax.bar(np.arange(len(tasks)) + i * width, [r[f"acc_{t}"] for t in tasks], width,
+               label=r["method"])
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(rows) - 1) / 2, tasks)
+    ax.set_ylabel("held-out exact match")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "accuracy.png", dpi=90)
+    plt.close(fig)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+EXPERIMENTS = {"gpt": run_gpt, "finetune": run_finetune}
+
+
+def main(argv=None):
+    cli.run_chapter("ch4", EXPERIMENTS, default_config="ch4_gpt", argv=argv)
+
+
+if __name__ == "__main__":
+    main()

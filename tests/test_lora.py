@@ -1,0 +1,117 @@
+"""LoRA: merged == unmerged outputs, exact unmerge, shapes, LoRA+ ratio, training via the loop."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jaxcourse import config
+from jaxcourse.errors import UserError
+from jaxcourse.models import lora
+from jaxcourse.models.transformer import GPT, GPTConfig, lm_task
+from jaxcourse.train import train
+
+MC = GPTConfig(vocab_size=11, context=8, n_layer=2, n_head=2, d_model=16, pos="learned",
+               norm="layernorm")
+TOKENS = jax.random.randint(jax.random.key(0), (2, 8), 0, 11)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return nn.meta.unbox(GPT(MC).init(jax.random.key(1), TOKENS)["params"])
+
+
+def _trained_like(adapters):
+    """Non-zero B so the adapters actually change the model."""
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+
+
+def test_shapes_and_trainable_count(params):
+    cfg = lora.LoRAConfig(rank=4)
+    adapters = lora.init_adapters(jax.random.key(2), params, cfg, d_model=16)
+    assert len(adapters) == 2 * 6  # q, k, v, out, up, down in each of 2 layers
+    out = adapters["blocks/layer_0/attention/out"]  # kernel [heads=2, head_dim=8, d_model=16]
+    assert out["a"].shape == (16, 4) and out["b"].shape == (4, 16)
+    assert adapters["blocks/layer_1/mlp/down"]["a"].shape == (64, 4)
+    # Per layer: 4 attention maps 4*(16+16) + up 4*(16+64) + down 4*(64+16), times 2 layers.
+    assert lora.count(adapters) == 2 * (4 * 4 * 32 + 4 * 80 + 4 * 80) == 2304
+    assert all(float(jnp.abs(a["b"]).max()) == 0.0 for a in adapters.values())
+    assert lora.in_axes((2, 8, 16), 16) == 2 and lora.in_axes((16, 2, 8), 16) == 1
+
+
+def test_merged_equals_unmerged_and_unmerge_is_exact(params):
+    cfg = lora.LoRAConfig(rank=4, alpha=8.0, lora_plus_ratio=3.0)
+    adapters = _trained_like(lora.init_adapters(jax.random.key(2), params, cfg, 16))
+    model = GPT(MC)
+    merged_params = lora.merge(params, adapters, cfg)
+    merged = model.apply({"params": merged_params}, TOKENS)
+    side_path = lora.apply_unmerged(model, params, adapters, cfg, TOKENS)
+    base = model.apply({"params": params}, TOKENS)
+    np.testing.assert_allclose(merged, side_path, atol=2e-5)
+    assert float(jnp.abs(merged - base).max()) > 1e-2  # the adapters do change the model
+    back = lora.unmerge(merged_params, adapters, cfg)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    # Only the targeted kernels moved.
+    untouched = lora.LoRAConfig(rank=4, targets=(r"attention/query$",))
+    q_only = lora.merge(params, lora.init_adapters(jax.random.key(2), params, untouched, 16),
+                        untouched)
+    np.testing.assert_array_equal(q_only["embed"]["embedding"], params["embed"]["embedding"])
+
+
+def test_fresh_adapters_start_at_the_base_model(params):
+    cfg = lora.LoRAConfig(rank=2)
+    adapters = lora.init_adapters(jax.random.key(5), params, cfg, 16)
+    np.testing.assert_array_equal(GPT(MC).apply({"params": lora.merge(params, adapters, cfg)}, TOKENS),
+                                  GPT(MC).apply({"params": params}, TOKENS))
+
+
+def test_lora_plus_ratio_scales_the_first_adam_step_of_b(params):
+    """LoRA+ as reparametrisation: with Adam, B's effective step is `ratio` times larger."""
+    batch = {"inputs": TOKENS, "targets": jnp.roll(TOKENS, -1, axis=1)}
+    task = lm_task(MC)
+
+    def effective_b_step(ratio):
+        cfg = lora.LoRAConfig(rank=4, lora_plus_ratio=ratio)
+        adapters = lora.init_adapters(jax.random.key(2), params, cfg, 16)
+        loss = lambda ad: task.loss(lora.merge(params, ad, cfg), {}, batch, jax.random.key(0), False)[0]
+        grads = jax.grad(loss)(adapters)
+        tx = optax.adam(1e-2, eps=1e-12)
+        updates, _ = tx.update(grads, tx.init(adapters))
+        return {k: ratio * u["b"] for k, u in updates.items()}
+
+    one, four = effective_b_step(1.0), effective_b_step(4.0)
+    for k in one:
+        np.testing.assert_allclose(four[k], 4.0 * one[k], rtol=1e-4, atol=1e-9)
+        assert float(jnp.abs(one[k]).max()) == pytest.approx(1e-2, rel=1e-3)  # Adam: |step| = lr
+
+
+def test_lora_task_trains_adapters_only_through_the_loop(tmp_path, params):
+    cfg = config.base_config()
+    cfg.train.update(steps=12, batch_size=2, steps_per_call=6, log_every=6, eval_every=0)
+    cfg.optimizer.update(name="adam", lr=1e-2)
+    lcfg = lora.LoRAConfig(rank=2)
+    task = lora.lora_task(lm_task(MC), params, lcfg, d_model=16)
+    batch = {"inputs": np.asarray(TOKENS), "targets": np.asarray(jnp.roll(TOKENS, -1, 1))}
+    data = [batch] * cfg.train.steps
+    state, metrics = train(task, ml_collections.ConfigDict(cfg.to_dict()), tmp_path, data)
+    assert set(state.params) == set(lora.target_kernels(params, lcfg))
+    assert lora.count(state.params) == 2 * (4 * 2 * 32 + 2 * 80 + 2 * 80)
+    for x, y in zip(jax.tree.leaves(state.model_state["frozen"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(x, y)  # the base is carried, never updated
+    before = task.loss(lora.init_adapters(jax.random.key(0), params, lcfg, 16),
+                       {"frozen": params}, batch, jax.random.key(0), False)[0]
+    after = task.loss(state.params, state.model_state, batch, jax.random.key(0), False)[0]
+    assert float(after) < float(before) - 0.1
+
+
+def test_bad_config(params):
+    with pytest.raises(UserError, match="match no kernel"):
+        lora.init_adapters(jax.random.key(0), params, lora.LoRAConfig(targets=("nothing",)), 16)
+    with pytest.raises(UserError, match="rank >= 1"):
+        lora.LoRAConfig(rank=0)
