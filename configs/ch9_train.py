@@ -1,4 +1,4 @@
-"""Chapter 9: train the GPT once on any mesh (--config.mesh.data/fsdp/tensor/pipeline, -1 = the rest).
+"""Chapter 9: train the GPT once on any mesh (--config.mesh.data/fsdp/tensor/pipeline=N).
 
 python -m jaxcourse.ch9 --config=configs/ch9_train.py:cpu --config.mesh.data=1 --config.mesh.fsdp=-1
 Multi-host stand-in: python tpu_gpu_launch/local.py --processes 2 --devices-per-process 2 -- \

@@ -1,7 +1,8 @@
 """Chapter 9: AI infrastructure: one mesh for data, FSDP, tensor, pipeline and expert parallelism.
 
     python -m jaxcourse.ch9                                          # every layout, one table
-    python -m jaxcourse.ch9 --config=configs/ch9_train.py:cpu --config.mesh.fsdp=-1 --config.mesh.data=1
+    python -m jaxcourse.ch9 --config=configs/ch9_train.py:cpu --config.mesh.data=1 \\
+        --config.mesh.fsdp=8                                         # one run, any mesh
     python -m jaxcourse.ch9 --config=configs/ch9_memory.py           # memory-budget lab
     python -m jaxcourse.ch9 --config=configs/ch9_throughput.py       # FLOPs per token and MFU
     python tpu_gpu_launch/local.py --processes 2 --devices-per-process 2 -- \\
@@ -34,7 +35,6 @@ import numpy as np  # noqa: E402
 from jaxcourse import cli, config  # noqa: E402
 from jaxcourse.data import pipeline, sources  # noqa: E402
 from jaxcourse.data import tokenizers as toklib  # noqa: E402
-from jaxcourse.errors import UserError  # noqa: E402
 from jaxcourse.models.transformer import (GPT, Stack, gpt_config, lm_loss,  # noqa: E402
                                           model_section)
 from jaxcourse.parallel import distributed, flops, memory  # noqa: E402
@@ -78,7 +78,7 @@ def chapter_config(preset: str, experiment: str):
 
 def _memory_lab_config(cfg, preset):
     # Width d_model = k * width_unit with one head per unit; k is searched in 1..max_width.
-    cfg.lab = {"budget_mib": 256.0, "width_unit": 64, "max_width": 16, "vocab_size": 128,
+    cfg.lab = {"budget_mib": 256.0, "width_unit": 64, "max_width": 32, "vocab_size": 128,
                "layouts": "single,fsdp", "remat": "none,full", "precision": "float32,bfloat16"}
     cfg.model.update(context=256, n_layer=4)
     cfg.train.batch_size, cfg.train.steps_per_call = 16, 1
@@ -211,8 +211,9 @@ def run_layouts(cfg, workdir: pathlib.Path) -> dict:
     metrics, lines = {}, [LAYOUT_HEADER]
     for name, r in results.items():
         diff = float(np.max(np.abs(np.asarray(r["losses"]) - ref)))
+        state_bytes = r["params_bytes"] + r["optimizer_bytes"]
         metrics.update({f"{name}/max_loss_diff": diff,
-                        f"{name}/param_opt_bytes_per_device": r["params_bytes"] + r["optimizer_bytes"],
+                        f"{name}/param_opt_bytes_per_device": state_bytes,
                         f"{name}/step_ms": r["step_ms"],
                         f"{name}/tokens_per_second": r["tokens_per_second"]})
         lines.append(_layout_row(name, cfg, r, diff))
@@ -266,9 +267,12 @@ def run_memory(cfg, workdir: pathlib.Path) -> dict:
         d_model = best * lab.width_unit
         n_params = _gpt_params(cfg.model, d_model, best, lab.vocab_size) if best else 0
         mem = seen.get(best, {"total": 0, "temporaries": 0, "arguments": 0})
+        capped = best == lab.max_width  # The search stopped at its limit: at least this.
         metrics.update({f"{label}/largest_d_model": d_model, f"{label}/params": n_params,
-                        f"{label}/total_mib": memory.mib(mem["total"])})
-        lines.append(f"| {layout} | {remat} | {precision} | {d_model} | {n_params / 1e6:.2f} | "
+                        f"{label}/total_mib": memory.mib(mem["total"]),
+                        f"{label}/at_search_limit": capped})
+        shown = f">= {d_model}" if capped else str(d_model)
+        lines.append(f"| {layout} | {remat} | {precision} | {shown} | {n_params / 1e6:.2f} | "
                      f"{memory.mib(mem['arguments']):.1f} | {memory.mib(mem['temporaries']):.1f} "
                      f"| {memory.mib(mem['total']):.1f} |")
         print(lines[-1], flush=True)

@@ -100,3 +100,35 @@ def test_batches_from_process_rows():
     with pytest.raises(UserError, match="batch of 6 rows cannot be split over the 4 batch"):
         put_global({"tokens": tokens[:6]}, mesh)
     # (Every layout's training run through these batches is checked in test_ch9.py.)
+
+
+def test_sharding_plan_for_the_training_loop():
+    from jaxcourse.config import base_config
+    from jaxcourse.parallel import ShardingPlan, mesh_config
+    from jaxcourse.train import TrainState
+
+    cfg = base_config()
+    assert ShardingPlan.from_config(cfg) is None  # no mesh section: the loop runs unsharded
+    cfg.mesh = mesh_config(fsdp=4, tensor=2)
+    cfg.train.batch_size = 8
+    plan = ShardingPlan.from_config(cfg)
+    boxed = jax.eval_shape(lambda r: GPT(CFG).init(r, TOKENS)["params"], jax.random.key(0))
+
+    def abstract_state(params):
+        return jax.eval_shape(lambda p: TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=optax.adam(1e-3).init(p),
+            model_state={}, ema_params=None, rng=jax.random.key(0)), unbox(params))
+
+    shardings = plan.state_shardings(abstract_state(boxed), boxed)
+    want = _flat(specs(tree_shardings(boxed, GPT_RULES, plan.mesh)))
+    assert _flat(specs(shardings.params)) == want
+    assert _flat(specs(shardings.opt_state[0].nu)) == want
+    assert shardings.step.spec == P() and shardings.rng.spec == P()
+    with pytest.warns(UserWarning, match="no parameter carries logical axis names"):
+        plan.state_shardings(abstract_state(unbox(boxed)), unbox(boxed))
+    tokens = np.zeros((8, 16), np.int32)
+    assert plan.put_eval({"t": tokens})["t"].sharding.spec == P("fsdp")
+    assert plan.put_eval({"t": tokens[:6]})["t"].sharding.spec == P()  # a short last batch
+    cfg.train.batch_size = 6
+    with pytest.raises(UserError, match="batch_size=6 is not divisible by fsdp=4"):
+        ShardingPlan.from_config(cfg)

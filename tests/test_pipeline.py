@@ -13,7 +13,8 @@ from jaxcourse.parallel.pipeline import (bubble_fraction, from_microbatches, gpi
 
 @pytest.mark.parametrize("stages, micro", [(4, 4), (4, 8), (2, 6), (1, 3)])
 def test_schedules_bubble_and_activation_memory(stages, micro):
-    gpipe_s, one_f_one_b = schedule_stats(stages, micro, "gpipe"), schedule_stats(stages, micro, "1f1b")
+    gpipe_s = schedule_stats(stages, micro, "gpipe")
+    one_f_one_b = schedule_stats(stages, micro, "1f1b")
     # Unit-time forward and backward: both take 2(M + S - 1) ticks ...
     assert gpipe_s["ticks"] == one_f_one_b["ticks"] == 2 * (micro + stages - 1)
     assert gpipe_s["bubble"] == pytest.approx(bubble_fraction(stages, micro))

@@ -18,16 +18,17 @@ distributed.py  jax.distributed.initialize from the environment (local.py, SLURM
 from jaxcourse.parallel.batch import batch_sharding, process_rows, put_global, shard_batch
 from jaxcourse.parallel.mesh import (AXES, BATCH_AXES, LAYOUTS, batch_shards, check_batch,
                                      describe, layout_config, make_mesh, mesh_config,
-                                     mesh_shape)
+                                     mesh_shape, select_devices)
 from jaxcourse.parallel.plan import ShardingPlan
 from jaxcourse.parallel.rules import (GPT_RULES, MLP_RULES, RULES, get_rules, logical_to_spec,
                                       match_shardings, sharded_init, specs, tree_shardings,
                                       unbox, use_mesh, without_rules)
 
 __all__ = [
-    "AXES", "BATCH_AXES", "ShardingPlan", "GPT_RULES", "LAYOUTS", "MLP_RULES", "RULES", "batch_sharding",
-    "batch_shards", "check_batch", "describe", "get_rules", "layout_config", "put_global",
-    "logical_to_spec", "make_mesh", "match_shardings", "mesh_config", "mesh_shape",
-    "process_rows", "shard_batch", "sharded_init", "specs", "tree_shardings", "unbox",
+    "AXES", "BATCH_AXES", "GPT_RULES", "LAYOUTS", "MLP_RULES", "RULES", "ShardingPlan",
+    "batch_sharding", "batch_shards", "check_batch", "describe", "get_rules", "layout_config",
+    "put_global", "logical_to_spec", "make_mesh", "match_shardings", "mesh_config", "mesh_shape",
+    "process_rows", "select_devices", "shard_batch", "sharded_init", "specs",
+    "tree_shardings", "unbox",
     "use_mesh", "without_rules",
 ]

@@ -14,13 +14,13 @@ plan is the loop's only contact with parallelism:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcourse.errors import UserError
 from jaxcourse.parallel.batch import batch_sharding, put_global
 from jaxcourse.parallel.mesh import batch_shards, check_batch, make_mesh
 from jaxcourse.parallel.rules import (Rules, get_rules, match_shardings, tree_shardings, unbox,
@@ -53,6 +53,10 @@ class ShardingPlan:
         names, optimizer moments like their parameters, everything else replicated."""
         params = tree_shardings(boxed_params, self.rules, self.mesh)
         plain = unbox(boxed_params)
+        splits_params = any(self.mesh.shape[a] > 1 for a in ("fsdp", "tensor", "pipeline"))
+        if splits_params and all(s.spec == P() for s in jax.tree.leaves(params)):
+            warnings.warn("no parameter carries logical axis names (does task.init unbox "
+                          "them?): every parameter is replicated on this mesh")
         rep = self.replicated()
         return abstract_state.replace(
             step=rep, rng=rep, params=params,
