@@ -5,6 +5,7 @@
         --config.mesh.fsdp=8                                         # one run, any mesh
     python -m jaxcourse.ch9 --config=configs/ch9_memory.py           # memory-budget lab
     python -m jaxcourse.ch9 --config=configs/ch9_throughput.py       # FLOPs per token and MFU
+    python -m jaxcourse.ch9 --config=configs/ch9_pipeline.py         # GPipe vs 1F1B
     python tpu_gpu_launch/local.py --processes 2 --devices-per-process 2 -- \\
         python -m jaxcourse.ch9 --config=configs/ch9_train.py:smoke
 
@@ -12,7 +13,8 @@ Lab: train the chapter-4 GPT with the one training loop under each layout of the
 five-axis mesh (data, FSDP, tensor, pipeline; expert lives in the MoE chapter) on 8
 simulated CPU devices, and check every layout against the single-device run step by step;
 find the largest GPT that fits a per-device memory budget with and without remat and bf16
-from XLA's compiled memory analysis; count FLOPs per token and compute MFU.
+from XLA's compiled memory analysis; count FLOPs per token and compute MFU; run GPipe and
+1F1B pipelines side by side.
 """
 import os
 
@@ -39,7 +41,8 @@ from jaxcourse.models.transformer import (GPT, Stack, gpt_config, lm_loss,  # no
                                           model_section)
 from jaxcourse.parallel import distributed, flops, memory  # noqa: E402
 from jaxcourse.parallel.mesh import describe, layout_config, make_mesh, mesh_config  # noqa: E402
-from jaxcourse.parallel.pipeline import bubble_fraction, pipelined  # noqa: E402
+from jaxcourse.parallel.pipeline import bubble_fraction, pipelined, schedule_stats  # noqa: E402
+from jaxcourse.parallel.pipeline_1f1b import compare_schedules  # noqa: E402
 from jaxcourse.train import Task, train  # noqa: E402
 from jaxcourse.train.loop import compile_train_step  # noqa: E402
 
@@ -71,6 +74,12 @@ def chapter_config(preset: str, experiment: str):
         t.steps, t.batch_size, t.steps_per_call = 200, 64, 10
     if experiment == "memory":
         _memory_lab_config(cfg, preset)
+    elif experiment == "pipeline":
+        # Residual-MLP stages, [rows, width] activations and a [width, hidden] layer per stage.
+        cfg.mesh = mesh_config(pipeline=4, data=-1)
+        cfg.lab = {"microbatches": "4,8,16,32", "rows": 8, "width": 128, "hidden": 1024}
+        if preset == "smoke":
+            cfg.lab.update(microbatches="4,8", width=16, hidden=64)
     elif experiment == "throughput":
         _throughput_config(cfg, preset)
     return cfg
@@ -279,7 +288,7 @@ def run_memory(cfg, workdir: pathlib.Path) -> dict:
     table = "\n".join(lines)
     (workdir / "memory.md").write_text(f"Budget {lab.budget_mib} MiB per device, "
                                        f"{jax.devices()[0].platform}.\n\n{table}\n")
-    _plot_probes(probes, lab, workdir / "memory.png")
+    memory.plot_probes(probes, lab.width_unit, lab.budget_mib, workdir / "memory.png")
     return metrics
 
 
@@ -307,23 +316,6 @@ def _gpt_params(model_section_, d_model, n_head, vocab) -> int:
     model_cfg = gpt_config(model_section_, d_model=d_model, n_head=n_head, vocab_size=vocab)
     shapes = jax.eval_shape(GPT(model_cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     return int(sum(x.size for x in jax.tree.leaves(shapes)))
-
-
-def _plot_probes(probes, lab, path):
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, seen in probes.items():
-        ks = sorted(seen)
-        ax.plot([k * lab.width_unit for k in ks], [memory.mib(seen[k]["total"]) for k in ks],
-                marker="o", label=label)
-    ax.axhline(lab.budget_mib, color="k", linestyle="--", label="budget")
-    ax.set_xlabel("d_model")
-    ax.set_ylabel("compiled step memory per device (MiB)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_throughput(cfg, workdir: pathlib.Path) -> dict:
@@ -365,8 +357,34 @@ def _peak_flops(cfg) -> tuple[float, str]:
     return flops.measure_peak_flops(n), f"measured: best {n}x{n} f32 matmul on {kind}"
 
 
+def run_pipeline(cfg, workdir: pathlib.Path) -> dict:
+    """GPipe vs 1F1B on the pipeline axis: bubble, activations in flight, and the compiled
+    step's temporaries as the number of microbatches grows (both schedules executed)."""
+    lab = cfg.lab
+    mesh = make_mesh(cfg.mesh)
+    stages = mesh.shape["pipeline"]
+    lines, metrics = [PIPELINE_HEADER], {}
+    for m in (int(v) for v in lab.microbatches.split(",")):
+        sim = {k: schedule_stats(stages, m, k) for k in ("gpipe", "1f1b")}
+        run = compare_schedules(mesh, m, lab.rows, lab.width, lab.hidden, cfg.train.seed)
+        metrics.update({f"M{m}/{k}": v for k, v in run.items()})
+        metrics[f"M{m}/bubble"] = sim["gpipe"]["bubble"]
+        lines.append(f"| {stages} | {m} | {sim['gpipe']['bubble']:.0%} | "
+                     f"{sim['gpipe']['peak_activations']} | {sim['1f1b']['peak_activations']} | "
+                     f"{memory.mib(run['gpipe_temp_bytes']):.2f} | "
+                     f"{memory.mib(run['1f1b_temp_bytes']):.2f} | {run['grad_max_diff']:.1e} |")
+        print(lines[-1], flush=True)
+    (workdir / "pipeline.md").write_text("\n".join(lines) + "\n")
+    return metrics
+
+
+PIPELINE_HEADER = ("| stages | microbatches | bubble | in flight: GPipe | in flight: 1F1B | "
+                   "GPipe temporaries (MiB) | 1F1B temporaries (MiB) | max grad diff |\n"
+                   "|---|---|---|---|---|---|---|---|")
+
+
 EXPERIMENTS = {"layouts": run_layouts, "train": run_train, "memory": run_memory,
-               "throughput": run_throughput}
+               "throughput": run_throughput, "pipeline": run_pipeline}
 
 
 def main(argv=None):

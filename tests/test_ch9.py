@@ -78,3 +78,15 @@ def test_six_n_plus_twelve_ltd_is_the_hand_count():
     # Per token and layer: projections 8d^2, MLP 16d^2, attention 4Td; head 2dV.
     assert sum(flops.gpt_forward_flops_per_token(cfg, 64).values()) == (
         2 * (8 * 256 ** 2 + 16 * 256 ** 2 + 4 * 64 * 256) + 2 * 256 * 256)
+
+
+def test_pipeline_experiment_1f1b_memory_stays_flat(tmp_path):
+    ch9.main(["--config=configs/ch9_pipeline.py:smoke", f"--workdir={tmp_path}"])
+    m = _summary(tmp_path)
+    for micro in (4, 8):
+        assert m[f"M{micro}/grad_max_diff"] < 1e-5  # the two schedules compute one gradient
+        assert m[f"M{micro}/1f1b_temp_bytes"] < m[f"M{micro}/gpipe_temp_bytes"]
+    # GPipe keeps every microbatch's activations; 1F1B at most 2S stage inputs.
+    assert m["M8/gpipe_temp_bytes"] > m["M4/gpipe_temp_bytes"]
+    assert m["M8/1f1b_temp_bytes"] == pytest.approx(m["M4/1f1b_temp_bytes"], rel=0.05)
+    assert m["M4/bubble"] == pytest.approx(3 / 7)

@@ -9,6 +9,7 @@ from jaxcourse.models.transformer import GPT, GPTConfig, Stack
 from jaxcourse.parallel import GPT_RULES, make_mesh, unbox, use_mesh
 from jaxcourse.parallel.pipeline import (bubble_fraction, from_microbatches, gpipe, pipelined,
                                          schedule_stats, to_microbatches)
+from jaxcourse.parallel.pipeline_1f1b import one_f_one_b
 
 
 @pytest.mark.parametrize("stages, micro", [(4, 4), (4, 8), (2, 6), (1, 3)])
@@ -24,7 +25,7 @@ def test_schedules_bubble_and_activation_memory(stages, micro):
     assert one_f_one_b["peak_activations"] == min(stages, micro)
 
 
-def test_toy_pipeline_matches_sequential_stages_forward_and_backward():
+def test_gpipe_and_1f1b_match_sequential_stages_forward_and_backward():
     mesh = make_mesh({"pipeline": 4, "data": 2})
     w = jax.random.normal(jax.random.key(0), (4, 8, 8)) * 0.5
     x = jax.random.normal(jax.random.key(1), (16, 8))
@@ -43,6 +44,23 @@ def test_toy_pipeline_matches_sequential_stages_forward_and_backward():
     ref, ref_grad = jax.value_and_grad(lambda w, x: (sequential(w, x) ** 2).sum())(w, x)
     np.testing.assert_allclose(out, ref, rtol=1e-5)
     np.testing.assert_allclose(grad, ref_grad, atol=1e-5)
+
+    # 1F1B, executed: the same stages, a per-microbatch loss with its own parameters.
+    readout = jax.random.normal(jax.random.key(2), (8, 3))
+    targets = jax.random.normal(jax.random.key(3), (4, 4, 3))
+    loss = lambda r, y, t: jnp.mean((y @ r - t) ** 2)  # noqa: E731
+
+    def sequential_loss(w, r, x, t):
+        return jnp.mean(jax.vmap(lambda xm, tm: loss(r, sequential(w, xm), tm))(x, t))
+
+    micro = x.reshape(4, 4, 8)
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.value_and_grad(one_f_one_b(stage, loss, mesh), argnums=(0, 1, 2)))(
+            w, readout, micro, targets)
+    want = jax.value_and_grad(sequential_loss, argnums=(0, 1, 2))(w, readout, micro, targets)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, r, atol=1e-5)
     with pytest.raises(UserError, match="expected the 4 pipeline stages"):
         gpipe(stage, w[:2], x[None], mesh)
 

@@ -63,3 +63,24 @@ def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int) -> int:
 
 def mib(n_bytes: float) -> float:
     return n_bytes / 2 ** 20
+
+
+def plot_probes(probes: dict, width_unit: int, budget_mib: float, path) -> None:
+    """Compiled memory against d_model, one line per variant, with the budget dashed."""
+    import matplotlib  # noqa: PLC0415 (plotting only here)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, seen in probes.items():
+        ks = sorted(seen)
+        ax.plot([k * width_unit for k in ks], [mib(seen[k]["total"]) for k in ks],
+                marker="o", label=label)
+    ax.axhline(budget_mib, color="k", linestyle="--", label="budget")
+    ax.set_xlabel("d_model")
+    ax.set_ylabel("compiled step memory per device (MiB)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
