@@ -12,7 +12,8 @@ Backward comes from autodiff: the transpose of a `ppermute` is the reverse `pper
 Of the S * (M + S - 1) stage-ticks, S * M do useful work, so the idle "bubble" fraction is
 (S - 1) / (M + S - 1): more microbatches, smaller bubble. 1F1B (Narayanan et al. 2021) has
 the same bubble but starts each microbatch's backward as soon as it can, so a stage keeps
-at most S microbatches of activations instead of M; `schedule_stats` counts both.
+at most S microbatches of activations instead of M; `schedule_stats` counts both, and
+pipeline_1f1b.py executes it.
 
 Other mesh axes stay automatic inside the pipeline (`axis_names={"pipeline"}`): a stage's
 weights can also be split by FSDP or tensor rules, and the microbatch by the data axis.
@@ -34,6 +35,15 @@ from jaxcourse.parallel.mesh import BATCH_AXES
 
 AXIS = "pipeline"
 _inside_stage = threading.local()  # The stage's own call of the stack must not re-enter.
+
+
+def varying(a):
+    """Marks a fresh per-stage value as varying over the pipeline axis: a shard_map loop
+    carry must keep one type, and what a stage computes differs from stage to stage (values
+    derived from sharded inputs already are varying)."""
+    if AXIS in jax.typeof(a).manual_axis_type.varying:
+        return a
+    return jax.lax.pcast(a, (AXIS,), to="varying")
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -107,7 +117,6 @@ def gpipe(stage_fn: Callable[[Any, Any], Any], stage_params, x_Mxb, mesh: Mesh,
     def per_stage(params_1x, x, *extra):
         params = jax.tree.map(lambda a: a[0], params_1x)
         stage = jax.lax.axis_index(AXIS)
-        varying = lambda a: jax.lax.pcast(a, (AXIS,), to="varying")  # noqa: E731
         shift = [(i, (i + 1) % s_n) for i in range(s_n)]
 
         def tick(t, carry):

@@ -28,16 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxcourse.errors import UserError
-
-AXIS = "pipeline"
-
-
-def _varying(a):
-    """Marks a fresh per-stage value as varying over the pipeline axis (shard_map loop
-    carries must keep one type; values derived from sharded inputs already are)."""
-    if AXIS in jax.typeof(a).manual_axis_type.varying:
-        return a
-    return jax.lax.pcast(a, (AXIS,), to="varying")
+from jaxcourse.parallel.memory import compiled_memory
+from jaxcourse.parallel.pipeline import AXIS, gpipe, varying
 
 
 def _schedule(stage_fn, loss_fn, mesh: Mesh, m_n: int):
@@ -50,10 +42,10 @@ def _schedule(stage_fn, loss_fn, mesh: Mesh, m_n: int):
         params = jax.tree.map(lambda a: a[0], params_1x)
         # Per-stage copies: a gradient with respect to a replicated value would be summed
         # over the stages implicitly (and every stage computes a loss, most of them garbage).
-        loss_params = jax.tree.map(_varying, loss_params)
+        loss_params = jax.tree.map(varying, loss_params)
         stage = jax.lax.axis_index(AXIS)
         last = stage == s_n - 1
-        zeros = lambda tree: jax.tree.map(lambda a: _varying(jnp.zeros_like(a)), tree)  # noqa: E731
+        zeros = lambda tree: jax.tree.map(lambda a: varying(jnp.zeros_like(a)), tree)  # noqa: E731
         forward_shift = [(i, (i + 1) % s_n) for i in range(s_n)]
         backward_shift = [(i, (i - 1) % s_n) for i in range(s_n)]
         loss_grad = jax.value_and_grad(loss_fn, argnums=(0, 1))
@@ -138,8 +130,6 @@ def compare_schedules(mesh: Mesh, microbatches: int, rows: int, width: int, hidd
     read-out. GPipe keeps every microbatch's hidden activations for its backward; 1F1B keeps
     at most 2S stage inputs, so its temporaries do not grow with the number of microbatches.
     """
-    from jaxcourse.parallel.memory import compiled_memory  # noqa: PLC0415 (avoid a cycle)
-    from jaxcourse.parallel.pipeline import gpipe  # noqa: PLC0415
 
     s_n = mesh.shape[AXIS]
     keys = jax.random.split(jax.random.key(seed), 5)
