@@ -47,7 +47,7 @@ def lm_base_config(preset: str):
                               attention="xla")  # vocab_size 0: from the tokenizer
     cfg.lm = {"max_chars": 0, "val_fraction": 0.1, "eval_tokens": 16384,
               "eval_batch_size": 64, "prompt": "", "sample_tokens": 200, "temperature": 0.8,
-              "top_k": 0, "top_p": 0.95, "attention_len": 48}
+              "top_k": 0, "top_p": 0.95, "attention_len": 48, "position_windows": 1024}
     cfg.decode = {"batch_size": 1, "prompt_len": 8, "new_tokens": (32,), "repeats": 3}
     t, o = cfg.train, cfg.optimizer
     t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 1500, 16, 250, 50, 10
@@ -55,7 +55,8 @@ def lm_base_config(preset: str):
     o.b2, o.clip_norm = 0.99, 1.0
     if preset == "smoke":
         cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
-        cfg.lm.update(max_chars=50_000, eval_tokens=512, sample_tokens=8, attention_len=12)
+        cfg.lm.update(max_chars=50_000, eval_tokens=512, sample_tokens=8, attention_len=12,
+                      position_windows=16)
         cfg.decode.update(prompt_len=4, new_tokens=(8,), repeats=1)
         t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 20, 8, 10, 10, 10
         o.warmup_steps = 5
@@ -112,9 +113,17 @@ def fit(cfg, workdir: pathlib.Path, corpus: Corpus, **model_overrides):
 
 
 def loss_by_position(model_cfg, params, corpus: Corpus, cfg) -> np.ndarray:
-    """Mean validation loss at each position t of the window (t tokens of context)."""
-    windows = eval_windows(corpus.val, model_cfg.context, cfg.lm.eval_tokens,
-                           cfg.lm.eval_batch_size)
+    """Mean validation loss at each position t of the window (t tokens of context).
+
+    Uses cfg.lm.position_windows evenly spaced (overlapping) windows over the whole
+    validation split: many more windows than the eval set, so the per-position means of
+    long contexts are not noise.
+    """
+    n, context = cfg.lm.position_windows, model_cfg.context
+    starts = np.linspace(0, len(corpus.val) - context - 1, n).astype(np.int64)
+    chunk = corpus.val[starts[:, None] + np.arange(context + 1)]
+    batches = pipeline.eval_batches({"inputs": chunk[:, :-1], "targets": chunk[:, 1:]},
+                                    cfg.lm.eval_batch_size)
 
     @jax.jit
     def nll(batch):
@@ -122,21 +131,32 @@ def loss_by_position(model_cfg, params, corpus: Corpus, cfg) -> np.ndarray:
         logp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0].sum(0)
 
-    total = sum(np.asarray(nll(b)) for b in windows)
-    return total / sum(len(b["inputs"]) for b in windows)
+    return sum(np.asarray(nll(b)) for b in batches) / n
 
 
 # ---------------------------------------------------------------------------------------
 # Decoding, sampling, timing.
 
 def sample_text(model_cfg, params, corpus: Corpus, cfg, seed: int = 0) -> str:
-    s = cfg.lm
+    """cfg.lm.sample_tokens characters after the prompt (default: 8 validation characters).
+
+    Past the context, the last half context of text becomes the next prompt (nanoGPT's
+    crop), so a long sample reuses the same two or three compiled decode loops.
+    """
+    s, context = cfg.lm, model_cfg.context
     prompt = s.prompt or corpus.tokenizer.decode(corpus.val[:8])
-    ids = jnp.asarray([corpus.tokenizer.encode(prompt)], jnp.int32)[:, -model_cfg.context + 1:]
-    n = min(s.sample_tokens, model_cfg.context - ids.shape[1])
-    out = decode.generate(GPT(model_cfg), params, ids, jax.random.key(seed), max_new_tokens=n,
-                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-    return prompt + corpus.tokenizer.decode(np.asarray(out[0]))
+    ids = corpus.tokenizer.encode(prompt)
+    ids = ids if len(ids) < context else ids[-(context // 2):]
+    out, rng = [], jax.random.key(seed)
+    while len(out) < s.sample_tokens:
+        window = (ids + out)[-(context // 2):] if out else ids
+        n = min(s.sample_tokens - len(out), context - len(window))
+        rng, key = jax.random.split(rng)
+        new = decode.generate(GPT(model_cfg), params, jnp.asarray([window], jnp.int32), key,
+                              max_new_tokens=n, temperature=s.temperature, top_k=s.top_k,
+                              top_p=s.top_p)
+        out += np.asarray(new[0]).tolist()
+    return prompt + corpus.tokenizer.decode(out)
 
 
 def time_generate(model_cfg, params, batch: int, prompt_len: int, new_tokens: int,
@@ -227,7 +247,7 @@ def plot_lines(curves: dict[str, tuple], path: pathlib.Path, **axes_settings):
     """One line per entry of `curves` ({label: (x, y)}); axes_settings go to ax.set."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in curves.items():
-        ax.plot(x, y, "o-" if len(x) < 8 else "-", label=name)
+        ax.plot(x, y, "o-" if len(x) <= 8 else "-", label=name)
     ax.set(**axes_settings)
     ax.legend()
     fig.tight_layout()
@@ -263,7 +283,7 @@ def run_train(cfg, workdir: pathlib.Path) -> dict:
     plot_attention(np.asarray(maps), corpus.tokenizer.decode(ids), workdir / "attention.png")
     speed = decode_speed_rows(mcfg, params, cfg)
     model_row = {"params": n_params(params), "vocab": mcfg.vocab_size, "context": mcfg.context,
-                 "steps": metrics["steps"], "train_loss": metrics["train/loss"],
+                 "steps": metrics["steps"], "train_loss": metrics.get("train/loss", math.nan),
                  "val_loss": metrics["eval/loss"], "val_ppl": metrics["eval/perplexity"],
                  "bits_per_char": metrics["eval/bits_per_char"],
                  "steps_per_s": metrics["steps_per_second"]}
@@ -318,7 +338,7 @@ def run_norm(cfg, workdir: pathlib.Path) -> dict:
             m, diverged = {"train/loss": float("nan"), "eval/loss": float("nan")}, True
         losses[name] = read_curve(vdir, "train/loss")
         grads[name] = read_curve(vdir, "train/grad_norm")
-        rows.append({"variant": name, "final_train_loss": m["train/loss"],
+        rows.append({"variant": name, "final_train_loss": m.get("train/loss", math.nan),
                      "val_loss": m["eval/loss"], "max_grad_norm": max(grads[name][1] or [0]),
                      "diverged": diverged})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -25,10 +25,10 @@ import ml_collections
 import optax
 
 from jaxcourse.errors import UserError
-from jaxcourse.train import Task
 from jaxcourse.models.attention import ATTENTION_IMPLS, Attention
 from jaxcourse.models.layers import (MLP, NORM_IMPLS, NORMS, Embed, Norm, partitioned,
                                      sinusoidal_table)
+from jaxcourse.train import Task
 
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
