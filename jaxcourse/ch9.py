@@ -44,7 +44,7 @@ from jaxcourse.parallel.mesh import describe, layout_config, make_mesh, mesh_con
 from jaxcourse.parallel.pipeline import bubble_fraction, pipelined, schedule_stats  # noqa: E402
 from jaxcourse.parallel.pipeline_1f1b import compare_schedules  # noqa: E402
 from jaxcourse.train import Task, train  # noqa: E402
-from jaxcourse.train.loop import compile_train_step  # noqa: E402
+from jaxcourse.train.loop import compile_train_step, lower_train_step  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def run_throughput(cfg, workdir: pathlib.Path) -> dict:
     one_step.train.steps_per_call = 1
     first = {"inputs": np.zeros((batch, context), np.int32),
              "targets": np.zeros((batch, context), np.int32)}
-    xla = flops.compiled_flops(compile_train_step(gpt_task(model_cfg), one_step, first))
+    xla = flops.compiled_flops(lower_train_step(gpt_task(model_cfg), one_step, first))
     xla_per_token = xla / (batch * context)
     run = _train_one(single, workdir, tokens, vocab)
     peak, peak_source = _peak_flops(cfg)

@@ -54,7 +54,7 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
 
 
 def compiled_flops(compiled) -> float:
-    """FLOPs XLA counts for a compiled function (all devices summed by XLA's cost model)."""
+    """FLOPs XLA's cost model counts for a lowered or compiled function."""
     cost = compiled.cost_analysis()
     if isinstance(cost, list):  # Older jax: one dict per device.
         cost = cost[0]

@@ -13,6 +13,7 @@ import dataclasses
 import pathlib
 import sys
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -129,6 +130,29 @@ def _validate(cfg, has_eval: bool) -> None:
         raise ConfigError(f"config key train.ema_decay must be in [0, 1), got {tc.ema_decay}")
 
 
+def _flat_config(cfg) -> dict[str, str]:
+    """{"optimizer.lr": "0.001", ...}: what a checkpoint remembers of the run's config."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = repr(value)
+    walk(cfg, "")
+    return out
+
+
+def _warn_config_changes(saved: dict, now: dict) -> None:
+    """Resuming under a different config is allowed (a larger train.steps continues a run),
+    but never silent."""
+    changed = [f"{k}: {saved.get(k, 'absent')} -> {now.get(k, 'absent')}"
+               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if saved and changed:
+        warnings.warn("resuming with a changed config: " + "; ".join(changed))
+
+
 def _boundaries(cfg, start: int, has_eval: bool) -> list[int]:
     """End steps of the compiled chunks: multiples of K, eval and checkpoint steps, the end."""
     tc, every = cfg.train, cfg.checkpoint.every
@@ -225,7 +249,12 @@ def _jit_steps(task: Task, tx, cfg, plan: ShardingPlan | None, shardings):
 
 def compile_train_step(task: Task, cfg, first_batch):
     """The compiled K-step call that `train` runs, built from shapes alone (nothing is
-    initialized or run): for XLA's memory and cost analysis."""
+    initialized or run): for XLA's memory analysis."""
+    return lower_train_step(task, cfg, first_batch).compile()
+
+
+def lower_train_step(task: Task, cfg, first_batch):
+    """`compile_train_step` before compiling: its `cost_analysis()` counts FLOPs cheaply."""
     plan = ShardingPlan.from_config(cfg)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     init = init_state(task, tx, cfg, first_batch)
@@ -234,7 +263,7 @@ def compile_train_step(task: Task, cfg, first_batch):
     batches = {key: jax.ShapeDtypeStruct((k,) + np.shape(x), np.asarray(x).dtype)
                for key, x in first_batch.items()}
     with plan.context() if plan else contextlib.nullcontext():
-        return _jit_steps(task, tx, cfg, plan, shardings).lower(abstract, batches).compile()
+        return _jit_steps(task, tx, cfg, plan, shardings).lower(abstract, batches)
 
 
 def train(task: Task, cfg, workdir: pathlib.Path, train_data,
@@ -260,6 +289,7 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
         state, meta = restored
         start = int(meta["data_position"])
         print(f"resuming from {ckpt.directory} at step {start}", file=sys.stderr)
+        _warn_config_changes(meta.get("config", {}), _flat_config(cfg))
     main = jax.process_index() == 0  # With several processes, one writes the logs.
     writer = MetricsWriter(workdir, resume_step=start if restored else None) if main else None
 
@@ -280,7 +310,7 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
 
     def save(at: int):
         t0 = time.perf_counter()
-        ckpt.save(at, state, {"data_position": at})
+        ckpt.save(at, state, {"data_position": at, "config": _flat_config(cfg)})
         saving[0] += time.perf_counter() - t0
 
     mesh_context.__enter__()
