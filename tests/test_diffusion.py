@@ -97,50 +97,62 @@ def test_timesteps_are_trailing_and_validated():
         samplers.timesteps(10, 11)
 
 
-@pytest.fixture(scope="module")
-def cosine():
-    return make_schedule("cosine", 1000)
+COSINE = make_schedule("cosine", 1000)
+EXACT = gaussian_model(COSINE)
+
+
+# Compiled once per input shape; the plan (step count) is an input, not a constant.
+@jax.jit
+def ddpm(plan, key, x_T):
+    return samplers.ddpm_sample(EXACT, plan, key, x_T)
+
+
+@jax.jit
+def ddim(plan, key, x_T, eta):
+    return samplers.ddim_sample(EXACT, plan, key, x_T, eta)
+
+
+@jax.jit
+def ode(plan, x_T):
+    return samplers.ode_sample(EXACT, plan, None, x_T)
+
+
+X_T = jax.random.normal(jax.random.PRNGKey(2), (4000, 2, 2, 1))
 
 
 @pytest.mark.parametrize("steps", [1000, 20])
-def test_ddim_eta1_reproduces_ddpm(cosine, steps):
+def test_ddim_eta1_reproduces_ddpm(steps):
     """DDIM's eta=1 variance is DDPM's posterior variance: same noise, same samples."""
-    model = gaussian_model(cosine)
-    x_T = jax.random.normal(jax.random.PRNGKey(2), (64, 2, 2, 1))
-    p = samplers.plan(cosine, steps)
-    key = jax.random.PRNGKey(3)
-    ddpm = jax.jit(lambda: samplers.ddpm_sample(model, p, key, x_T))()
-    ddim = jax.jit(lambda: samplers.ddim_sample(model, p, key, x_T, eta=1.0))()
-    np.testing.assert_allclose(ddim, ddpm, atol=2e-4)
+    p, key = samplers.plan(COSINE, steps), jax.random.PRNGKey(3)
+    np.testing.assert_allclose(ddim(p, key, X_T, 1.0), ddpm(p, key, X_T), atol=2e-4)
 
 
-def test_ddpm_and_ddim_eta1_match_data_statistics(cosine):
+def test_ddpm_and_ddim_eta1_match_data_statistics():
     """With the exact denoiser, both stochastic samplers produce N(MU, STD^2) samples."""
-    model = gaussian_model(cosine)
-    x_T = jax.random.normal(jax.random.PRNGKey(4), (4000, 2, 2, 1))
-    key = jax.random.PRNGKey(5)
-    p = samplers.plan(cosine, 1000)
-    ddpm, ddim = jax.jit(lambda: (samplers.ddpm_sample(model, p, key, x_T),
-                                  samplers.ddim_sample(model, p, key, x_T, 1.0)))()
-    for x in (ddpm, ddim):
+    p, key = samplers.plan(COSINE, 1000), jax.random.PRNGKey(5)
+    for x in (ddpm(p, key, X_T), ddim(p, jax.random.PRNGKey(6), X_T, 1.0)):
         np.testing.assert_allclose(x.mean(0), MU[0], atol=0.07)
         np.testing.assert_allclose(x.std(0), STD[0], rtol=0.06)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_deterministic_samplers_follow_the_probability_flow(cosine, prediction):
+def test_deterministic_samplers_follow_the_probability_flow():
     """DDIM(eta=0) is Euler on the PF-ODE; Heun at 25 steps beats Euler at 50 (same cost)."""
-    model = gaussian_model(cosine, prediction)
-    x_T = jax.random.normal(jax.random.PRNGKey(6), (256, 2, 2, 1))
-    exact = flow_map(cosine, x_T)
-    key = jax.random.PRNGKey(0)  # unused by eta=0 and the ODE.
-    ddim = jax.jit(lambda p: samplers.ddim_sample(model, p, key, x_T, 0.0, prediction))
-    ode = jax.jit(lambda p: samplers.ode_sample(model, p, key, x_T, prediction))
+    exact = flow_map(COSINE, X_T)
     err = lambda x: float(jnp.abs(x - exact).max())  # noqa: E731
-    assert err(ddim(samplers.plan(cosine, 1000))) < 0.01
-    heun, euler = err(ode(samplers.plan(cosine, 25))), err(ddim(samplers.plan(cosine, 50)))
-    print(f"max error: heun(25) {heun:.4f}, euler(50) {euler:.4f}")
+    key = jax.random.PRNGKey(0)  # unused when eta=0.
+    assert err(ddim(samplers.plan(COSINE, 1000), key, X_T, 0.0)) < 0.02
+    heun = err(ode(samplers.plan(COSINE, 25), X_T))
+    euler = err(ddim(samplers.plan(COSINE, 50), key, X_T, 0.0))
     assert heun < 0.5 * euler, (heun, euler)
+
+
+def test_v_prediction_samples_like_eps_prediction():
+    """The same denoiser written as a v-predictor gives the same DDIM trajectory."""
+    p, key = samplers.plan(COSINE, 20), jax.random.PRNGKey(0)
+    x_T = X_T[:64]
+    v = jax.jit(lambda: samplers.ddim_sample(gaussian_model(COSINE, "v"), p, key, x_T, 0.0,
+                                             "v"))()
+    np.testing.assert_allclose(v, ddim(p, key, x_T, 0.0), atol=1e-4)
 
 
 def test_guidance_scale_zero_and_one_are_the_plain_models():
@@ -175,3 +187,29 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(feats, feats + 1.0) == pytest.approx(5.0, rel=1e-9)
     with pytest.raises(UserError, match="same D"):
         frechet_distance(feats, feats[:, :3])
+
+
+def test_ema_update_of_the_shared_loop():
+    """ema_{s+1} = d * ema_s + (1 - d) * params_{s+1}, starting from the initial params:
+    after two steps ema = d^2 p0 + d (1 - d) p1 + (1 - d) p2 (what ch8 samples with)."""
+    from jaxcourse.config import base_config
+    from jaxcourse.train import Task, make_optimizer, make_step
+    from jaxcourse.train.loop import init_state
+
+    cfg = base_config()
+    cfg.train.ema_decay, cfg.optimizer.name, cfg.optimizer.lr = 0.9, "sgd", 0.1
+    target = jnp.array([1.0, -2.0, 3.0])
+    task = Task(init=lambda rng, batch: ({"w": jnp.zeros(3)}, {}),
+                loss=lambda p, s, b, r, train: (jnp.sum((p["w"] - target) ** 2), ({}, s)))
+    tx = make_optimizer(cfg.optimizer, 10)
+    state = init_state(task, tx, cfg, {})(jax.random.PRNGKey(0))
+    step = jax.jit(make_step(task, tx, cfg))
+    params = [state.params["w"]]
+    for _ in range(2):
+        state, _ = step(state, {})
+        params.append(state.params["w"])
+    d = 0.9
+    want = d * d * params[0] + d * (1 - d) * params[1] + (1 - d) * params[2]
+    np.testing.assert_allclose(state.ema_params["w"], want, rtol=1e-6)
+    # SGD on (w - target)^2 with lr 0.1: w_{s+1} = w_s - 0.2 (w_s - target), by hand.
+    np.testing.assert_allclose(params[2], target * (1 - 0.8 ** 2), rtol=1e-6)

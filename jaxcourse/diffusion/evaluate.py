@@ -66,10 +66,16 @@ class Sampler:
         elif np.all(scales == 0.0):
             mode = "uncond"
         plan = samplers.plan(self.sched, steps)
-        batch = batch or len(labels)
+        n = len(labels)
+        batch = batch or n
+        # Pad to whole batches so that every chunk, and every later call with the same
+        # batch size, reuses one compiled program; the padding samples are dropped.
+        pad = -n % batch
+        labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+        scales = np.concatenate([scales, np.ones(pad, np.float32)])
         self.last_run_seconds = 0.0
         out = []
-        for i in range(0, len(labels), batch):
+        for i in range(0, n, batch):
             rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
             args = (params, jnp.asarray(labels[i:i + batch]), jnp.asarray(scales[i:i + batch]),
                     plan, jnp.float32(eta), rng)
@@ -77,7 +83,7 @@ class Sampler:
             t0 = time.perf_counter()
             out.append(np.asarray(program(*args)))
             self.last_run_seconds += time.perf_counter() - t0
-        return np.concatenate(out)
+        return np.concatenate(out)[:n]
 
 
 def to_unit(images):

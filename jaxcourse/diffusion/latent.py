@@ -20,7 +20,9 @@ def autoencoder_task(ae: Autoencoder, latent_penalty: float) -> Task:
     """Reconstruction MSE + latent_penalty * mean(z^2); batches {"image": [-1, 1] images}."""
 
     def init(rng, batch):
-        return ae.init(rng, batch["image"][:1])["params"], {}
+        # An "rbg" key compiles faster than threefry on CPU (see diffusion/task.py).
+        key = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
+        return ae.init(key, batch["image"][:1])["params"], {}
 
     def loss(params, model_state, batch, rng, train):
         recon, z = ae.apply({"params": params}, batch["image"])
