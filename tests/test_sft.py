@@ -82,5 +82,9 @@ def test_bad_input():
         sft.encode_examples([("upper: abcd\n", "ABCDEFGH\n")], TOK, context=16)
     with pytest.raises(UserError, match="unknown SFT task"):
         sft.make_examples(["crown"], ["translate"], 1, seed=0)
-    assert sft.encodable_words(["crown", "zz"], ["upper"], CharTokenizer.from_text(
-        "upper: crown\nCROWN\nz")) == ["crown"]  # "ZZ" is not in that vocabulary
+    tok = CharTokenizer.from_text("upper: crown\nCROWN\nz")  # no "Z": "zz" is unusable
+    assert sft.usable_words(["crown", "zz"], ["upper"], tok, context=20) == ["crown"]
+    # "upper: cc\nCC\n" is 13 tokens (12 positions), "upper: crown\nCROWN\n" 19.
+    assert sft.usable_words(["crown", "cc"], ["upper"], tok, context=12) == ["cc"]
+    with pytest.raises(UserError, match="no word gives examples"):
+        sft.usable_words(["crown"], ["upper"], tok, context=8)

@@ -45,18 +45,20 @@ def words_from_text(text: str, min_len: int = 3, max_len: int = 7) -> list[str]:
     return list(seen) or list(FALLBACK_WORDS)
 
 
-def encodable_words(words: Sequence[str], tasks: Sequence[str], tok) -> list[str]:
-    """The words whose prompts and answers the tokenizer can encode for every task (a
-    character vocabulary may lack, say, the capital of a letter)."""
+def usable_words(words: Sequence[str], tasks: Sequence[str], tok, context: int) -> list[str]:
+    """The words whose examples the tokenizer can encode (a character vocabulary may lack,
+    say, the capital of a letter) and that fit the context, for every task."""
     check_tasks(tasks)
     out = []
     for w in words:
         try:
-            for t in tasks:
-                tok.encode(f"{t}: {w}\n{TASKS[t](w)}\n")
+            if all(len(tok.encode(f"{t}: {w}\n{TASKS[t](w)}\n")) - 1 <= context for t in tasks):
+                out.append(w)
         except UserError:
             continue
-        out.append(w)
+    if not out:
+        raise UserError(f"no word gives examples of tasks {list(tasks)} that the tokenizer "
+                        f"encodes within the context {context}")
     return out
 
 
