@@ -388,8 +388,7 @@ EXPERIMENTS = {"layouts": run_layouts, "train": run_train, "memory": run_memory,
 
 
 def main(argv=None):
-    distributed.initialize()  # A no-op unless a launcher set up several processes.
-    cli.run_chapter("ch9", EXPERIMENTS, default_config="ch9_layouts", argv=argv)
+    return cli.run_chapter("ch9", EXPERIMENTS, default_config="ch9_layouts", argv=argv)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ import sys
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
 from jaxcourse import config as config_lib
+from jaxcourse.parallel import distributed
 from jaxcourse.errors import ConfigError, UserError
 
 Experiment = Callable[..., dict]
@@ -91,8 +93,11 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     try:
+        distributed.initialize()  # a no-op unless a launcher started several processes.
+        main_process = jax.process_index() == 0  # one process writes config and summary.
         workdir.mkdir(parents=True, exist_ok=True)
-        write_json(workdir / "config.json", cfg.to_dict())
+        if main_process:
+            write_json(workdir / "config.json", cfg.to_dict())
         start = time.time()
         metrics = experiments[cfg.experiment](cfg, workdir)
         summary = {
@@ -100,9 +105,12 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
             "wall_seconds": round(time.time() - start, 2), "metrics": metrics,
             "config": cfg.to_dict(),
         }
-        write_json(workdir / "summary.json", summary)
+        if main_process:
+            write_json(workdir / "summary.json", summary)
+            print(f"{prog}: wrote {workdir}/summary.json")
+        else:
+            print(f"{prog}: process {jax.process_index()} finished")
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1)
-    print(f"{prog}: wrote {workdir}/summary.json")
     return summary

@@ -131,6 +131,15 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path):
     assert int(state.step) == 15
 
 
+def test_resume_with_changed_config_warns(tmp_path):
+    run(small_config(steps=5), tmp_path)
+    cfg = small_config(steps=10)
+    cfg.optimizer.lr = 0.5
+    with pytest.warns(UserWarning, match=r"optimizer.lr: 0.01 -> 0.5; train.steps: 5 -> 10"):
+        state, _ = run(cfg, tmp_path)
+    assert int(state.step) == 10
+
+
 def test_checkpoint_from_another_model_is_a_clear_error(tmp_path):
     run(small_config(steps=5), tmp_path)
     with pytest.raises(UserError, match="another model"):
