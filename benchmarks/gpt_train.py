@@ -155,9 +155,11 @@ def run_child(cmd):
 
 def jax_run(data_path, iters, extra):
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="gpt_bench_"))
+    # No periodic eval inside the timed loop (the PyTorch side has none either); val_loss is
+    # computed after training on the same 200-batch definition by both.
     cmd = [sys.executable, "-m", "jaxcourse.ch4", "--config=configs/ch4_gpt.py:cpu",
            f"--config.data.path={data_path}", f"--config.train.steps={iters}",
-           f"--workdir={workdir}", *extra]
+           "--config.lm.monitor_batches=0", f"--workdir={workdir}", *extra]
     _, wall, rss = run_child(cmd)
     m = json.loads((workdir / "summary.json").read_text())["metrics"]
     return {"impl": "jaxcourse (JAX " + m.get("jax_version", "") + ")",
@@ -189,12 +191,13 @@ def main():
         return torch_worker(args.data, args.iters, args.seed)
     if not pathlib.Path(args.data).is_file():
         sys.exit(f"data file not found: {args.data}")
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     if not args.skip_jax:
         rows.append(jax_run(args.data, args.iters, args.jax_overrides))
     if not args.skip_torch:
         rows.append(torch_run(args.torch_python, args.data, args.iters, args.seed))
-    print(f"\nload average before/after: {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"\nload average (1 min) before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f} "
+          f"on {os.cpu_count()} cores")
     print("| implementation | ms/iter | wall s | val loss | final train loss | peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -32,8 +32,7 @@ from jaxcourse.errors import UserError  # noqa: E402
 from jaxcourse.models import decode, lora  # noqa: E402
 from jaxcourse.models.transformer import (GPT, Block, GPTConfig, gpt_config,  # noqa: E402
                                           lm_loss, lm_task, model_section)
-from jaxcourse.train import Checkpointer, Task, make_optimizer, make_step, train  # noqa: E402
-from jaxcourse.train.loop import init_state  # noqa: E402
+from jaxcourse.train import Checkpointer, Task, train  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,16 +75,19 @@ def finetune_config(preset: str):
     to pretrain one first inside this run's workdir)."""
     cfg = pretrain_config(preset)
     cfg.experiment = "finetune"
-    cfg.finetune = {"base": "", "tasks": ("upper", "reverse"), "train_examples": 4000,
+    cfg.finetune = {"base": "", "methods": ("prompting", "sft", "lora"),
+                    "tasks": ("upper", "reverse"), "train_examples": 4000,
                     "eval_examples": 400, "heldout_fraction": 0.2, "shots": 3, "steps": 300,
-                    "batch_size": 32, "lr": 3e-4, "lora_lr": 2e-3, "warmup_steps": 20,
-                    "steps_per_call": 25, "forget_batches": 20}
+                    "batch_size": 32, "lr": 1e-3, "lora_lr": 2e-3, "warmup_steps": 20,
+                    "steps_per_call": 25, "forget_batches": 20,
+                    "scale_batches": (1, 8)}  # GPT-2-small memory table; () = skip.
     cfg.lora = {"rank": 8, "alpha": 16.0, "targets": lora.LoRAConfig.targets,
                 "lora_plus_ratio": 4.0}
     if preset == "smoke":
         cfg.model.context = 32
         cfg.finetune.update(train_examples=64, eval_examples=16, steps=4, batch_size=8,
-                            warmup_steps=1, steps_per_call=4, forget_batches=2)
+                            warmup_steps=1, steps_per_call=4, forget_batches=2,
+                            scale_batches=())
         cfg.train.steps = 10
     return cfg
 
@@ -218,6 +220,9 @@ def with_grad_barriers(task: Task) -> Task:
 def run_gpt(cfg, workdir: pathlib.Path) -> dict:
     """Pretrains a GPT; val_loss as nanoGPT reports it, tokens/s of the compiled steps."""
     corpus = load_corpus(cfg)
+    if 0 < cfg.model.vocab_size < corpus.tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                        f"tokenizer's {corpus.tokenizer.vocab_size} tokens")
     model_cfg = gpt_config(cfg.model, vocab_size=cfg.model.vocab_size or corpus.tokenizer.vocab_size)
     t, context = cfg.train, model_cfg.context
     decode.check_lengths(model_cfg, max(1, len(corpus.tokenizer.encode(cfg.lm.prompt))), 1)  # fail early
@@ -268,45 +273,24 @@ def base_model(cfg, workdir: pathlib.Path):
 
 
 def sft_sets(cfg, tok, context: int, text: str) -> dict:
-    """Encoded train set, held-out set (zero-shot and few-shot prompts) and their task names."""
     f = cfg.finetune
-    words = sft.usable_words(sft.words_from_text(text), f.tasks, tok, context)
-    train_words, held_words = sft.split_words(words, f.heldout_fraction)
-    train_ex = sft.make_examples(train_words, f.tasks, f.train_examples, cfg.train.seed)
-    held_ex = sft.make_examples(held_words, f.tasks, f.eval_examples, cfg.train.seed + 1)
-    shots = sft.make_examples(train_words, f.tasks, 8 * len(f.tasks), cfg.train.seed + 2)
-    return {"train": sft.encode_examples(train_ex, tok, context),
-            "heldout": sft.encode_examples(held_ex, tok, context),
-            "few_shot": sft.encode_examples(sft.few_shot(held_ex, shots, context, tok, f.shots),
-                                            tok, context),
-            "tasks": np.array([p.split(":")[0] for p, _ in held_ex]),
-            "examples": held_ex}
+    return sft.build_sets(text, f.tasks, tok, context, n_train=f.train_examples,
+                          n_eval=f.eval_examples, heldout_fraction=f.heldout_fraction,
+                          shots=f.shots, seed=cfg.train.seed)
 
 
-def exact_match(model_cfg: GPTConfig, params, arrays: dict, batch_size: int = EVAL_BATCH) -> np.ndarray:
-    """Per-example greedy exact match [N] (see jaxcourse.data.sft.answer_accuracy)."""
-    n = len(arrays["inputs"])
-    out = []
-    for i in range(0, n, batch_size):
-        idx = np.arange(i, i + batch_size) % n  # a full last batch: one compiled shape.
-        batch = {k: v[idx] for k, v in arrays.items()}
-        logits = logits_fn(model_cfg, params, batch["inputs"])
-        out.append(sft.answer_accuracy(np.asarray(logits), batch))
-    return np.concatenate(out)[:n]
+def exact_match(model_cfg: GPTConfig, params, arrays: dict) -> np.ndarray:
+    return sft.exact_match(lambda x: logits_fn(model_cfg, params, x), arrays, EVAL_BATCH)
 
 
-def step_memory(task: Task, cfg, batch: dict) -> dict:
-    """Compiled memory of one training step (XLA's memory_analysis of the jitted step)."""
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    state = jax.eval_shape(init_state(task, tx, cfg, batch), jax.random.PRNGKey(0))
-    compiled = jax.jit(make_step(task, tx, cfg), donate_argnums=0).lower(state, batch).compile()
-    mem = compiled.memory_analysis()
-    args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
-    peak = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp
-    trainable = lora.count(state.params)
-    opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
-    return {"trainable_params": trainable, "optimizer_state_MB": opt / 2**20,
-            "arguments_MB": args / 2**20, "temp_MB": temp / 2**20, "peak_MB": peak / 2**20}
+def scale_memory_rows(cfg, lcfg: lora.LoRAConfig, batch_size: int) -> list[dict]:
+    """Full fine-tune vs LoRA step memory of GPT-2 small (124M, context 1024), compiled only."""
+    mc = gpt_config(model_section(vocab_size=50304, context=1024, n_layer=12, n_head=12,
+                                  d_model=768, pos="learned", norm="layernorm"))
+    c = _derived(cfg, cfg.finetune.steps, cfg.finetune.lr)
+    c.train.batch_size = batch_size
+    return [{**row, "method": f"{row['method']} gpt2-124M b{batch_size}"}
+            for row in lora.memory_rows(mc, lcfg, c, batch_size)]
 
 
 def fine_tune(name: str, task: Task, cfg, workdir: pathlib.Path, sets: dict):
@@ -317,7 +301,7 @@ def fine_tune(name: str, task: Task, cfg, workdir: pathlib.Path, sets: dict):
     state, m = train(task, cfg, workdir / name, data)  # held-out accuracy is measured after.
     row = {"method": name, "steps": m["steps"], "train_loss": m.get("train/loss", float("nan")),
            "step_ms": 1000 / m["steps_per_second"]}
-    row.update(step_memory(task, cfg, data[0]))
+    row.update(lora.step_memory(task, cfg, data[0]))
     return state, row
 
 
@@ -339,31 +323,41 @@ def run_finetune(cfg, workdir: pathlib.Path) -> dict:
         row["pretrain_val_loss"] = mean_loss(model_cfg, params, forget)  # forgetting
         return row
 
-    rows = [evaluate("prompting", base, {"method": "prompting", "trainable_params": 0})]
-    full_task = lm_task(model_cfg)
-    sft_task = Task(init=lambda rng, batch: (base, {}), loss=full_task.loss)
-    sft_state, row = fine_tune("sft", sft_task, _derived(cfg, f.steps, f.lr), workdir, sets)
-    rows.append(evaluate("sft", sft_state.params, row))
-    lcfg = lora.LoRAConfig(rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets),
-                           lora_plus_ratio=lc.lora_plus_ratio)
-    ltask = lora.lora_task(full_task, base, lcfg, model_cfg.d_model)
-    lora_state, row = fine_tune("lora", ltask, _derived(cfg, f.steps, f.lora_lr), workdir, sets)
-    merged = jax.jit(lora.merge, static_argnums=2)(base, lora_state.params, lcfg)
-    rows.append(evaluate("lora", merged, row))
-    write_finetune_results(workdir, rows, sets, f.tasks)
+    unknown = set(f.methods) - {"prompting", "sft", "lora"}
+    if unknown:
+        raise UserError(f"unknown finetune.methods {sorted(unknown)}; use prompting, sft, lora")
+    rows, full_task = [], lm_task(model_cfg)
+    if "prompting" in f.methods:
+        rows.append(evaluate("prompting", base, {"method": "prompting", "trainable_params": 0}))
+    if "sft" in f.methods:
+        sft_task = Task(init=lambda rng, batch: (base, {}), loss=full_task.loss)
+        state, row = fine_tune("sft", sft_task, _derived(cfg, f.steps, f.lr), workdir, sets)
+        rows.append(evaluate("sft", state.params, row))
+    if "lora" in f.methods:
+        lcfg = lora.LoRAConfig(rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets),
+                               lora_plus_ratio=lc.lora_plus_ratio)
+        ltask = lora.lora_task(full_task, base, lcfg, model_cfg.d_model)
+        state, row = fine_tune("lora", ltask, _derived(cfg, f.steps, f.lora_lr), workdir, sets)
+        merged = jax.jit(lora.merge, static_argnums=2)(base, state.params, lcfg)
+        rows.append(evaluate("lora", merged, row))
+        for b in f.scale_batches:
+            rows += scale_memory_rows(cfg, lcfg, b)
+    write_finetune_results(workdir, rows, f.tasks)
     for r in rows:
         metrics.update({f"{r['method']}/{k}": v for k, v in r.items() if k != "method"})
     return metrics
 
 
-def write_finetune_results(workdir: pathlib.Path, rows: list[dict], sets: dict, tasks):
+def write_finetune_results(workdir: pathlib.Path, rows: list[dict], tasks):
     cols = ["method", "trainable_params", "accuracy", *[f"acc_{t}" for t in tasks],
             "pretrain_val_loss"]
     perf = ["method", "trainable_params", "optimizer_state_MB", "arguments_MB", "temp_MB",
             "peak_MB", "step_ms"]
+    perf_rows = [r for r in rows if "peak_MB" in r]
+    rows = [r for r in rows if "accuracy" in r]
     text = ("# Fine-tuning: prompting vs SFT vs LoRA\n\n## Held-out exact match\n\n"
-            + markdown_table(rows, cols) + "\n## Cost per training step\n\n"
-            + markdown_table(rows[1:], perf))
+            + markdown_table(rows, cols) + "\n## Cost per training step (XLA memory_analysis of"
+            " the compiled step; GPT-2 rows compiled only)\n\n" + markdown_table(perf_rows, perf))
     (workdir / "results.md").write_text(text)
     print(text)
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -390,7 +384,20 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-EXPERIMENTS = {"gpt": run_gpt, "finetune": run_finetune}
+def run_tokenizers(cfg, workdir: pathlib.Path) -> dict:
+    """Fertility (tokens per word), vocabulary and training time of every tokenizer."""
+    text = sources.load_text(cfg.data)[:cfg.lm.max_chars or None]
+    rows = toklib.compare(text, cfg.tokenizers.names, cfg.tokenizers.vocab_sizes)
+    table = markdown_table(rows, ["tokenizer", "vocab_size", "fertility", "chars_per_token",
+                                  "train_s", "encode_s"])
+    (workdir / "results.md").write_text(f"# Tokenizers on {cfg.data.path or 'the stdlib corpus'}"
+                                        f" ({len(text)} chars, {len(text.split())} words)\n\n"
+                                        + table)
+    print(table)
+    return {f"{r['tokenizer']}_{r['vocab_size']}/fertility": r["fertility"] for r in rows}
+
+
+EXPERIMENTS = {"gpt": run_gpt, "finetune": run_finetune, "tokenizers": run_tokenizers}
 
 
 def main(argv=None):

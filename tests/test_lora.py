@@ -125,3 +125,17 @@ def test_bad_config(params):
         lora.init_adapters(jax.random.key(0), params, lora.LoRAConfig(targets=("nothing",)), 16)
     with pytest.raises(UserError, match="rank >= 1"):
         lora.LoRAConfig(rank=0)
+
+
+def test_memory_rows_count_trainable_params_and_adam_state(params):
+    cfg = config.base_config()
+    cfg.optimizer.update(name="adam", lr=1e-3)
+    lcfg = lora.LoRAConfig(rank=2)
+    sft, lo = lora.memory_rows(MC, lcfg, ml_collections.ConfigDict(cfg.to_dict()), batch_size=2)
+    assert sft["trainable_params"] == lora.count(params)
+    assert lo["trainable_params"] == lora.count(lora.init_adapters(jax.random.key(0), params, lcfg, 16))
+    for row in (sft, lo):  # Adam keeps two float32 moments per trainable parameter (+ a count).
+        assert row["optimizer_state_MB"] * 2**20 == pytest.approx(8 * row["trainable_params"], abs=64)
+        assert row["peak_MB"] >= row["arguments_MB"] > 0
+    # LoRA's arguments still hold the frozen base, but not its moments.
+    assert lo["arguments_MB"] < sft["arguments_MB"]

@@ -76,3 +76,13 @@ def test_bad_input_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot read tokenizer file"):
         T.load_tokenizer(tmp_path / "bad.json")
+
+
+def test_compare_table():
+    rows = T.compare(CORPUS, ["char", "bpe_scratch", "bpe"], [280, 300])
+    assert [(r["tokenizer"], r["vocab_size"] <= max(280, 300)) for r in rows] == [
+        ("char", True), ("bpe_scratch", True), ("bpe_scratch", True), ("bpe", True), ("bpe", True)]
+    assert rows[0]["fertility"] == pytest.approx(len(CORPUS) / len(CORPUS.split()))
+    assert rows[0]["chars_per_token"] == 1.0
+    # More merges, fewer tokens per word.
+    assert rows[2]["fertility"] <= rows[1]["fertility"] < rows[0]["fertility"]

@@ -142,3 +142,33 @@ def answer_accuracy(logits_NxTxV: np.ndarray, batch: dict) -> np.ndarray:
     """Per-example exact match [N] (1.0 = every answer token is the argmax)."""
     wrong = (np.argmax(logits_NxTxV, -1) != batch["targets"]) & (batch["mask"] > 0)
     return (~wrong.any(axis=1)).astype(np.float32)
+
+
+def build_sets(text: str, tasks: Sequence[str], tok, context: int, *, n_train: int,
+               n_eval: int, heldout_fraction: float, shots: int, seed: int) -> dict:
+    """Encoded train set, held-out set (zero-shot and few-shot prompts) and task names."""
+    words = usable_words(words_from_text(text), tasks, tok, context)
+    train_words, held_words = split_words(words, heldout_fraction)
+    train_ex = make_examples(train_words, tasks, n_train, seed)
+    held_ex = make_examples(held_words, tasks, n_eval, seed + 1)
+    solved = make_examples(train_words, tasks, 8 * len(tasks), seed + 2)
+    return {"train": encode_examples(train_ex, tok, context),
+            "heldout": encode_examples(held_ex, tok, context),
+            "few_shot": encode_examples(few_shot(held_ex, solved, context, tok, shots), tok,
+                                        context),
+            "tasks": np.array([p.split(":")[0] for p, _ in held_ex]), "examples": held_ex}
+
+
+def exact_match(logits_fn: Callable, arrays: dict, batch_size: int) -> np.ndarray:
+    """Per-example exact match [N] of `logits_fn(inputs [B, T]) -> logits [B, T, V]`.
+
+    Batches are all `batch_size` rows (the last one wraps around) so one compiled shape
+    serves the whole set.
+    """
+    n = len(arrays["inputs"])
+    out = []
+    for i in range(0, n, batch_size):
+        idx = np.arange(i, i + batch_size) % n
+        batch = {k: v[idx] for k, v in arrays.items()}
+        out.append(answer_accuracy(np.asarray(logits_fn(batch["inputs"])), batch))
+    return np.concatenate(out)[:n]

@@ -19,6 +19,7 @@ import collections
 import json
 import pathlib
 import re
+import time
 from typing import Protocol, Sequence
 
 from jaxcourse.errors import UserError
@@ -226,3 +227,22 @@ def fertility(tok: Tokenizer, text: str) -> float:
     if n_words == 0:
         raise UserError("fertility needs text with at least one word")
     return len(tok.encode(text)) / n_words
+
+
+def compare(text: str, names: Sequence[str], vocab_sizes: Sequence[int]) -> list[dict]:
+    """Trains every tokenizer (BPEs at every vocab size) on `text`: fertility, characters per
+    token, training and encoding seconds. Raises if one does not round-trip the text."""
+    rows = []
+    for name in names:
+        for size in ((0,) if name == "char" else tuple(vocab_sizes)):
+            t0 = time.perf_counter()
+            tok = make_tokenizer(name, text, size)
+            t1 = time.perf_counter()
+            ids = tok.encode(text)
+            t2 = time.perf_counter()
+            if tok.decode(ids) != text:
+                raise UserError(f"tokenizer {name} does not round-trip this corpus")
+            rows.append({"tokenizer": name, "vocab_size": tok.vocab_size,
+                         "fertility": fertility(tok, text), "chars_per_token": len(text) / len(ids),
+                         "train_s": t1 - t0, "encode_s": t2 - t1})
+    return rows

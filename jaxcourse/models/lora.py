@@ -31,9 +31,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcourse.errors import UserError
-from jaxcourse.train import Task
+from jaxcourse.train import Task, make_optimizer, make_step
+from jaxcourse.train.loop import init_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,3 +161,39 @@ def lora_task(base_task: Task, base_params, cfg: LoRAConfig, d_model: int) -> Ta
         return value, (metrics, model_state)
 
     return Task(init=init, loss=loss)
+
+
+def step_memory(task: Task, cfg, batch: dict) -> dict:
+    """XLA's memory_analysis of the shared loop's compiled training step for `task` (compiled,
+    not run): trainable parameters, optimizer state, arguments (params + optimizer state +
+    frozen base + batch), temporaries (activations, gradients) and their peak sum, in MB."""
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    state = jax.eval_shape(init_state(task, tx, cfg, batch), jax.random.PRNGKey(0))
+    compiled = jax.jit(make_step(task, tx, cfg), donate_argnums=0).lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+    peak = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp
+    opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
+    return {"trainable_params": count(state.params), "optimizer_state_MB": opt / 2**20,
+            "arguments_MB": args / 2**20, "temp_MB": temp / 2**20, "peak_MB": peak / 2**20}
+
+
+def memory_rows(model_cfg, cfg: LoRAConfig, train_cfg, batch_size: int) -> list[dict]:
+    """step_memory of full fine-tuning ("sft") and LoRA ("lora") of a GPT (GPTConfig), with
+    masked next-token batches of [batch_size, context]. The parameters are created inside
+    `init`, which is only traced: a 124M model is compiled without being allocated."""
+    from jaxcourse.models.transformer import GPT, lm_task  # pylint: disable=import-outside-toplevel
+    tokens = np.zeros((batch_size, model_cfg.context), np.int32)
+    batch = {"inputs": tokens, "targets": tokens, "mask": np.ones(tokens.shape, np.float32)}
+    full = lm_task(model_cfg)
+
+    def fresh(rng, b):
+        return nn.meta.unbox(GPT(model_cfg).init(rng, b["inputs"][:1])["params"])
+
+    def lora_init(rng, b):
+        base = fresh(rng, b)
+        return init_adapters(rng, base, cfg, model_cfg.d_model), {"frozen": base}
+
+    tasks = {"sft": Task(init=lambda rng, b: (fresh(rng, b), {}), loss=full.loss),
+             "lora": Task(init=lora_init, loss=lora_task(full, None, cfg, model_cfg.d_model).loss)}
+    return [{"method": name, **step_memory(task, train_cfg, batch)} for name, task in tasks.items()]
