@@ -9,7 +9,7 @@ def get_config(preset: str = "cpu"):
     cfg = lm_base_config(preset)
     cfg.experiment = "decode"
     cfg.model.update(context=512, vocab_size=96)
-    cfg.decode.update(prompt_len=16, new_tokens=(32, 128, 256), repeats=2)
+    cfg.decode.update(prompt_len=16, new_tokens=(32, 128, 256), repeats=5)
     if preset == "smoke":
         cfg.model.context = 16
         cfg.decode.update(prompt_len=4, new_tokens=(8,), repeats=1)

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import time
 
 import flax.linen as nn
 import jax
@@ -51,8 +50,8 @@ def lm_base_config(preset: str):
     cfg.decode = {"batch_size": 1, "prompt_len": 8, "new_tokens": (32,), "repeats": 3}
     t, o = cfg.train, cfg.optimizer
     t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 1500, 16, 250, 50, 10
-    o.name, o.lr, o.schedule, o.warmup_steps, o.weight_decay = "adamw", 2e-3, "warmup_cosine", 100, 0.1
-    o.b2, o.clip_norm = 0.99, 1.0
+    o.name, o.lr, o.schedule, o.warmup_steps = "adamw", 2e-3, "warmup_cosine", 100
+    o.weight_decay, o.b2, o.clip_norm = 0.1, 0.99, 1.0
     if preset == "smoke":
         cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
         cfg.lm.update(max_chars=50_000, eval_tokens=512, sample_tokens=8, attention_len=12,
@@ -159,33 +158,16 @@ def sample_text(model_cfg, params, corpus: Corpus, cfg, seed: int = 0) -> str:
     return prompt + corpus.tokenizer.decode(out)
 
 
-def time_generate(model_cfg, params, batch: int, prompt_len: int, new_tokens: int,
-                  use_cache: bool, repeats: int) -> tuple[float, np.ndarray]:
-    """Best-of-`repeats` seconds for one compiled greedy generate call, and its tokens."""
-    prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0,
-                                model_cfg.vocab_size)
-    run = lambda: decode.generate(GPT(model_cfg), params, prompt, None,  # noqa: E731
-                                  max_new_tokens=new_tokens, temperature=0.0,
-                                  use_cache=use_cache)
-    out = jax.block_until_ready(run())  # The first call compiles.
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - t0)
-    return min(times), np.asarray(out)
-
-
 def decode_speed_rows(model_cfg, params, cfg) -> list[dict]:
     d = cfg.decode
     rows = []
     for n in d.new_tokens:
         if d.prompt_len + n > model_cfg.context:
             continue
-        t_cache, out_cache = time_generate(model_cfg, params, d.batch_size, d.prompt_len, n,
-                                           True, d.repeats)
-        t_full, out_full = time_generate(model_cfg, params, d.batch_size, d.prompt_len, n,
-                                         False, d.repeats)
+        t_cache, out_cache = decode.time_generate(GPT(model_cfg), params, d.batch_size,
+                                                  d.prompt_len, n, True, d.repeats)
+        t_full, out_full = decode.time_generate(GPT(model_cfg), params, d.batch_size,
+                                                d.prompt_len, n, False, d.repeats)
         rows.append({"new_tokens": n, "kv_cache_tok_s": d.batch_size * n / t_cache,
                      "recompute_tok_s": d.batch_size * n / t_full,
                      "speedup": t_full / t_cache,

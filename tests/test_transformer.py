@@ -21,10 +21,6 @@ def _tokens(b=2, t=16, seed=0, vocab=13):
     return np.random.default_rng(seed).integers(0, vocab, (b, t), dtype=np.int32)
 
 
-def _init(model, *args):
-    return nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), *args)["params"])
-
-
 def _apply_on_embeddings(model, params, emb_BxTxD, *args):
     """Runs a model with its token-embedding output replaced by emb_BxTxD."""
     def interceptor(next_fun, call_args, kwargs, context):
@@ -36,12 +32,20 @@ def _apply_on_embeddings(model, params, emb_BxTxD, *args):
                            *args)
 
 
-def _influence(model, params, t_out, *args, b=2, t=16, d=32):
-    """Per input position: |d out[:, t_out] / d embedding[:, s]| summed over batch, width."""
+def _influence(model, t_out, *args, b=2, t=16, d=32):
+    """Per input position: |d out[:, t_out] / d embedding[:, s]| summed over batch, width.
+
+    Initialization and the gradient share one compiled program (compiles dominate here).
+    """
     emb = np.random.default_rng(2).standard_normal((b, t, d), np.float32)
-    grad = jax.jit(jax.grad(
-        lambda e: _apply_on_embeddings(model, params, e, *args)[:, t_out].sum()))(emb)
-    return np.abs(np.asarray(grad)).sum(axis=(0, 2))
+
+    @jax.jit
+    def grad_fn(emb_BxTxD):
+        params = model.init(jax.random.key(1), _tokens(b, t), *args)["params"]
+        return jax.grad(lambda e: _apply_on_embeddings(model, params, e, *args)[:, t_out].sum())(
+            emb_BxTxD)
+
+    return np.abs(np.asarray(grad_fn(emb))).sum(axis=(0, 2))
 
 
 @pytest.mark.parametrize("kw", [dict(pos="rope"),
@@ -49,9 +53,7 @@ def _influence(model, params, t_out, *args, b=2, t=16, d=32):
                                      window=4, attention="einsum")])
 def test_gpt_is_causal_through_gradients(kw):
     cfg = dataclasses.replace(TINY, **kw)
-    model = GPT(cfg)
-    params = _init(model, _tokens())
-    influence_T = _influence(model, params, 9)
+    influence_T = _influence(GPT(cfg), 9)
     assert np.all(influence_T[10:] == 0), influence_T  # nothing from the future
     if not cfg.window:
         assert np.all(influence_T[:10] > 0), influence_T
@@ -61,11 +63,9 @@ def test_gpt_is_causal_through_gradients(kw):
 
 
 def test_encoder_is_bidirectional_and_ignores_padding():
-    model = Encoder(TINY)
     valid = np.ones((2, 16), bool)
     valid[:, 12:] = False
-    params = _init(model, _tokens(), valid)
-    influence_T = _influence(model, params, 3, valid)
+    influence_T = _influence(Encoder(TINY), 3, valid)
     assert np.all(influence_T[:12] > 0), influence_T  # sees the future too
     # Padding keys get no attention, so nothing flows from them into real positions.
     assert np.all(influence_T[12:] == 0), influence_T
@@ -78,40 +78,46 @@ def test_encoder_decoder_shapes():
     src, tgt = _tokens(t=12), _tokens(t=7, seed=1)
     src_valid = np.ones((2, 12), bool)
     src_valid[0, 9:] = False
-    params = _init(model, src, tgt, src_valid)
-    apply = jax.jit(lambda s: model.apply({"params": params}, s, tgt, src_valid, train=True,
-                                          rngs={"dropout": jax.random.key(3)}))
-    logits = apply(src)
+    src2 = src.copy()  # The same source with different tokens under the padding.
+    src2[0, 9:] = (src[0, 9:] + 1) % cfg.vocab_size
+
+    @jax.jit  # One compiled program: init, then a second pass on src2.
+    def run():
+        rngs = {"params": jax.random.key(1), "dropout": jax.random.key(3)}
+        logits, variables = model.init_with_output(rngs, src, tgt, src_valid, train=True)
+        logits2 = model.apply(variables, src2, tgt, src_valid, train=True,
+                              rngs={"dropout": rngs["dropout"]})
+        return logits, logits2, nn.meta.unbox(variables["params"])
+
+    logits, logits2, params = run()
     chex.assert_shape(logits, (2, 7, cfg.vocab_size))
     chex.assert_tree_all_finite(logits)
     chex.assert_shape(params["decoder"]["layer_0"]["cross_attention"]["key"]["kernel"],
                       (32, 2, 8))
     hidden = jax.eval_shape(Encoder(cfg).apply, {"params": params["encoder"]}, src, src_valid)
     chex.assert_shape(hidden, (2, 12, 32))
-    # Source padding never changes the output (same dropout key, so same masks): change
-    # the padded source tokens.
-    src2 = src.copy()
-    src2[0, 9:] = (src[0, 9:] + 1) % cfg.vocab_size
-    np.testing.assert_allclose(apply(src2), logits, atol=1e-6)
+    # Source padding never changes the output (same dropout key, so same masks).
+    np.testing.assert_allclose(logits2, logits, atol=1e-6)
 
 
 def test_scanned_rematerialized_layers_match_the_loop():
     tokens = _tokens()
     loop = GPT(TINY)
-    params = _init(loop, tokens)
-    stacked = dict(params)
-    blocks = [params["blocks"][f"layer_{i}"] for i in range(TINY.n_layer)]
-    stacked["blocks"] = {"layers": jax.tree.map(lambda *a: jnp.stack(a), *blocks)}
     scanned = GPT(dataclasses.replace(TINY, scan_layers=True, remat="dots_saveable"))
 
     def loss(model, p):
         return lm_loss(model.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])[0]
 
-    def value_and_grad(model, p):
-        return jax.jit(jax.value_and_grad(lambda p_: loss(model, p_)))(p)
+    @jax.jit  # One compiled program for init and both gradients.
+    def run():
+        params = nn.meta.unbox(loop.init(jax.random.key(1), tokens)["params"])
+        blocks = [params["blocks"][f"layer_{i}"] for i in range(TINY.n_layer)]
+        stacked = dict(params, blocks={"layers": jax.tree.map(lambda *a: jnp.stack(a),
+                                                              *blocks)})
+        return (jax.value_and_grad(lambda p: loss(loop, p))(params),
+                jax.value_and_grad(lambda p: loss(scanned, p))(stacked))
 
-    ref_loss, ref_grads = value_and_grad(loop, params)
-    val, grads = value_and_grad(scanned, stacked)
+    (ref_loss, ref_grads), (val, grads) = run()
     np.testing.assert_allclose(val, ref_loss, rtol=1e-6)
     layers = grads["blocks"]["layers"]
     grads = dict(grads, blocks={f"layer_{i}": jax.tree.map(lambda a: a[i], layers)

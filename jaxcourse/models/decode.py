@@ -13,6 +13,7 @@ tokens of your corpus, or group prompts by length).
 from __future__ import annotations
 
 import functools
+import time
 
 import flax.linen as nn
 import jax
@@ -107,6 +108,27 @@ def _generate(cfg, sampling, max_new_tokens, use_cache, params, prompt_BxT, rng)
 
     _, rest_NxB = jax.lax.scan(body, (state, first_B, done_B), keys[1:])
     return jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)
+
+
+def time_generate(model: GPT, params, batch: int, prompt_len: int, new_tokens: int,
+                  use_cache: bool, repeats: int = 3):
+    """Best-of-`repeats` seconds of one compiled greedy `generate` call, and its tokens.
+
+    The prompt is random tokens; the first (compiling) call is not timed.
+    """
+    prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, model.cfg.vocab_size)
+
+    def run():
+        return jax.block_until_ready(generate(model, params, prompt, None, temperature=0.0,
+                                              max_new_tokens=new_tokens, use_cache=use_cache))
+
+    out = run()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times), out
 
 
 def prefill(cfg: GPTConfig, params, prompt_BxT, cache_len: int = 0):
