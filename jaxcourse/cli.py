@@ -72,14 +72,17 @@ def _plain(x):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
-    if isinstance(x, (str, bool, int, float)) or x is None:
+    if isinstance(x, (str, bool, int)) or x is None:
         return x
     arr = np.asarray(x)
-    return arr.item() if arr.ndim == 0 else arr.tolist()
+    if arr.ndim == 0:
+        value = arr.item()
+        return None if isinstance(value, float) and not np.isfinite(value) else value
+    return [_plain(v) for v in arr.tolist()]
 
 
 def write_json(path: pathlib.Path, obj) -> None:
-    path.write_text(json.dumps(_plain(obj), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(_plain(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config: str,
