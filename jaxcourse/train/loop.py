@@ -239,7 +239,14 @@ def _sharding(task: Task, plan: ShardingPlan | None, first_batch, init, rng):
 def _jit_steps(task: Task, tx, cfg, plan: ShardingPlan | None, shardings):
     """K optimizer steps per call (lax.scan), state donated; sharded in and out on a mesh."""
     step = make_step(task, tx, cfg)
-    steps = lambda s, b: jax.lax.scan(step, s, b)  # noqa: E731
+
+    def steps(state, batches):
+        if cfg.train.steps_per_call > 1:
+            return jax.lax.scan(step, state, batches)
+        # One step without a loop around it: XLA's CPU backend runs convolutions inside a
+        # while loop ~25x slower (U-Net step: 3.0 s in a scan vs 0.12 s without).
+        state, metrics = step(state, jax.tree.map(lambda x: x[0], batches))
+        return state, jax.tree.map(lambda m: m[None], metrics)
     if plan is None:
         return jax.jit(steps, donate_argnums=0)
     return jax.jit(steps, donate_argnums=0,
