@@ -125,6 +125,40 @@ def test_scanned_rematerialized_layers_match_the_loop():
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-5)
 
 
+def test_bf16_matmuls_are_bf16_products_with_f32_gradients():
+    """matmul="bfloat16": forward and both backward products take bf16 operands, accumulate
+    in f32, and hand back gradients in the parameters' and inputs' own dtypes."""
+    from jaxcourse.models.layers import bf16_dot_general
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 3, 4)), jnp.float32)
+    dims = (((2,), (0,)), ((), ()))
+    rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    want = jnp.einsum("btk,khd->bthd", rounded(x), rounded(w))
+    f = lambda x, w: bf16_dot_general(x, w, dims)  # noqa: E731
+    np.testing.assert_allclose(f(x, w), want, rtol=1e-6)
+    g = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+    dx, dw = jax.vjp(f, x, w)[1](g)
+    assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
+    np.testing.assert_allclose(dx, jnp.einsum("bthd,khd->btk", rounded(g), rounded(w)),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, jnp.einsum("btk,bthd->khd", rounded(x), rounded(g)),
+                               rtol=1e-5, atol=1e-5)
+    # A contraction it does not handle falls back to lax.dot_general unchanged.
+    batch_dims = (((2,), (1,)), ((0,), (0,)))
+    y = jnp.asarray(rng.normal(size=(2, 8, 6)), jnp.float32)
+    np.testing.assert_array_equal(bf16_dot_general(x, y, batch_dims),
+                                  jax.lax.dot_general(x, y, batch_dims))
+    # The whole model: same parameters, logits within bf16 rounding of the float32 model.
+    tokens = _tokens()
+    params = GPT(TINY).init(jax.random.key(0), tokens)["params"]
+    ref = GPT(TINY).apply({"params": params}, tokens)
+    out = GPT(dataclasses.replace(TINY, matmul="bfloat16")).apply({"params": params}, tokens)
+    assert out.dtype == jnp.float32 and not np.array_equal(out, ref)
+    np.testing.assert_allclose(out, ref, atol=0.05)
+
+
 def test_parameters_carry_logical_axis_names():
     tokens = _tokens()
     for cfg, path in [(TINY, ("blocks", "layer_0")),

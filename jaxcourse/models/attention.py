@@ -129,10 +129,12 @@ class Attention(nn.Module):
     rope_base: float = 10000.0
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    dot_general: object = None     # None: lax.dot_general; or e.g. bf16_dot_general.
 
     def _proj(self, heads, names, name):
         return nn.DenseGeneral(
             (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype, name=name,
+            dot_general=self.dot_general,
             kernel_init=partitioned(nn.initializers.xavier_uniform(), names),
             bias_init=partitioned(nn.initializers.zeros, names[1:]))
 
@@ -165,6 +167,7 @@ class Attention(nn.Module):
             self.sow("intermediates", "attention_probs", probs)
         out = nn.DenseGeneral(
             self.d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
+            dot_general=self.dot_general,
             kernel_init=partitioned(nn.initializers.xavier_uniform(),
                                     ("heads", "head_dim", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)

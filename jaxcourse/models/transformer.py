@@ -26,8 +26,8 @@ import optax
 
 from jaxcourse.errors import UserError
 from jaxcourse.models.attention import ATTENTION_IMPLS, Attention
-from jaxcourse.models.layers import (MLP, NORM_IMPLS, NORMS, Embed, Norm, partitioned,
-                                     sinusoidal_table)
+from jaxcourse.models.layers import (MLP, NORM_IMPLS, NORMS, Embed, Norm, bf16_dot_general,
+                                     partitioned, sinusoidal_table)
 from jaxcourse.train import Task
 
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
@@ -55,6 +55,8 @@ class GPTConfig:
     attention: str = "xla"         # einsum | xla | cudnn | pallas
     window: int = 0                # Sliding-window size; 0: full causal attention.
     dtype: str = "float32"         # Compute dtype; parameters stay float32.
+    matmul: str = ""               # "": in `dtype`; "bfloat16": Dense matmuls (forward and
+                                   # backward) in bf16 with f32 accumulation (layers.py).
     tie_embeddings: bool = True
     bias: bool = False             # Biases in attention / MLP projections.
     remat: str = ""                # "": off; "full"; or a jax.checkpoint_policies name.
@@ -68,6 +70,7 @@ class GPTConfig:
         _check_choice("attention", self.attention, ATTENTION_IMPLS)
         _check_choice("mlp", self.mlp, ("gelu", "swiglu"))
         _check_choice("dtype", self.dtype, tuple(DTYPES))
+        _check_choice("matmul", self.matmul, ("", "bfloat16"))
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -100,6 +103,10 @@ class GPTConfig:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def dot_general(self):
+        return bf16_dot_general if self.matmul == "bfloat16" else None
 
 
 def _check_choice(name, value, choices):
@@ -152,7 +159,7 @@ class Block(nn.Module):
         return Attention(c.n_head, c.kv_heads, c.head_dim, c.d_model, impl=c.attention,
                          causal=causal, window=c.window, rope=c.pos == "rope",
                          rope_base=c.rope_base, use_bias=c.bias, dtype=c.compute_dtype,
-                         name=name)
+                         dot_general=c.dot_general, name=name)
 
     def _residual(self, x, sublayer, name):
         """Pre-LN: x + f(norm(x)). Post-LN: norm(x + f(x))."""
@@ -178,7 +185,7 @@ class Block(nn.Module):
             x_BxTxD, _ = self._residual(
                 x_BxTxD, lambda h: cross(h, positions_T, context_BxSxD=context,
                                          kv_valid=context_valid), "cross_attention")
-        mlp = MLP(c.d_model, c.ff_dim, c.mlp, c.bias, c.compute_dtype, name="mlp")
+        mlp = MLP(c.d_model, c.ff_dim, c.mlp, c.bias, c.compute_dtype, c.dot_general, name="mlp")
         x_BxTxD, _ = self._residual(x_BxTxD, lambda h: (mlp(h), None), "mlp")
         return nn.with_logical_constraint(x_BxTxD, BOUNDARY), new_cache
 
@@ -290,6 +297,7 @@ def _head(c: GPTConfig, embed: Embed, x_BxTxD, name):
         logits = embed.attend(x_BxTxD)
     else:
         logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype, name=name,
+                          dot_general=c.dot_general,
                           kernel_init=partitioned(nn.initializers.normal(stddev=0.02),
                                                   ("embed", "vocab")))(x_BxTxD)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
