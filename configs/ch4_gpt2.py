@@ -19,7 +19,7 @@ def get_config(preset: str = "cpu"):
         cfg.tokenizer.vocab_size = 300
         cfg.model.update(vocab_size=320, context=32, n_layer=2, n_head=2, d_model=64)
         cfg.lm.update(eval_batches=2, monitor_batches=0, sample_tokens=4)
-        t.steps, t.batch_size, t.steps_per_call, o.warmup_steps = 4, 2, 2, 1
+        t.steps, t.batch_size, t.steps_per_call, o.warmup_steps = 4, 8, 2, 1
     elif preset == "cpu":  # a few real GPT-2-small steps on a shorter context.
         cfg.tokenizer.vocab_size = 8192
         cfg.model.update(context=256)

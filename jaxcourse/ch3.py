@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcourse import cli, config  # noqa: E402
+from jaxcourse.report import markdown_table, write_results  # noqa: E402
 from jaxcourse.data import pipeline, sources  # noqa: E402
 from jaxcourse.data.tokenizers import CharTokenizer  # noqa: E402
 from jaxcourse.errors import UserError  # noqa: E402
@@ -177,22 +178,6 @@ def decode_speed_rows(model_cfg, params, cfg) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------
 # Output: markdown tables and figures.
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(workdir: pathlib.Path, title: str, sections: list[tuple[str, str]]):
-    text = f"# {title}\n\n" + "\n".join(f"## {h}\n\n{body}\n" for h, body in sections)
-    (workdir / "results.md").write_text(text)
-    print(text)
-
 
 def plot_attention(maps_LxHxTxT, text: str, path: pathlib.Path):
     """A grid: one row per layer, one column per head, characters on the axes."""
