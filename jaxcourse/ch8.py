@@ -36,7 +36,8 @@ def diffusion_config(preset: str = "cpu"):
                  "blocks": 1, "attn_sizes": (4,), "heads": 4, "num_classes": 10,
                  "dropout": 0.0, "groups": 8}
     cfg.diffusion = {"steps": 1000, "schedule": "cosine", "prediction": "eps",
-                     "cond_dropout": 0.1}
+                     "cond_dropout": 0.1,
+                     "min_snr": 0.0}  # > 0: min-SNR-gamma loss weights (0 = plain MSE).
     cfg.sample = {
         "sampler": "ddim", "steps": 50, "eta": 0.0,   # the sampler behind the sample grid.
         "guidance": 2.0,          # classifier-free guidance scale: 0 uncond, 1 cond.
@@ -55,7 +56,8 @@ def diffusion_config(preset: str = "cpu"):
     cfg.judge = {"config": f"configs/ch2_digits.py:{preset}", "steps": 0, "width": 0,
                  "arch": ""}
     t, o = cfg.train, cfg.optimizer
-    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 3000, 128, 1000, 100, 50
+    # One step per call on CPU: XLA runs convolutions inside a scan ~25x slower.
+    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 3000, 128, 1000, 100, 1
     t.ema_decay = 0.999
     o.name, o.lr, o.schedule, o.warmup_steps = "adamw", 2e-3, "warmup_cosine", 200
     o.weight_decay, o.clip_norm = 0.0, 1.0
@@ -65,7 +67,7 @@ def diffusion_config(preset: str = "cpu"):
         cfg.sample.update(num=28, batch=28, table_steps=(5, 50), ode_steps=(), steps=5,
                           table_guidance=2.0)  # = guidance: table and grid share programs.
         cfg.judge.update(steps=10, arch="mlp")
-        t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 6, 16, 0, 3, 3
+        t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 6, 16, 0, 3, 1
         t.ema_decay = 0.5
         o.warmup_steps = 2
     elif preset == "gpu":  # CIFAR-10 32x32, the DDPM paper's U-Net at reduced depth.
@@ -113,7 +115,8 @@ def judge_for(cfg, workdir: pathlib.Path, data):
 def fit_diffusion(cfg, workdir: pathlib.Path, images: dict, model: UNet, sched):
     """Trains the U-Net on {"image": [-1, 1] images or latents, "label"}; returns (params, metrics)."""
     d = cfg.diffusion
-    task = diffusion_task(model, sched, d.prediction, model.config.num_classes, d.cond_dropout)
+    task = diffusion_task(model, sched, d.prediction, model.config.num_classes, d.cond_dropout,
+                          d.min_snr)
     train_data = pipeline.batches(images["train"], cfg.train.batch_size, cfg.train.seed)
     eval_data = None  # eval_every=0: no held-out loss (saves a compile in smoke runs).
     if cfg.train.eval_every > 0:
@@ -252,7 +255,7 @@ def run_latent(cfg, workdir: pathlib.Path) -> dict:
     ae_cfg = cfg.copy_and_resolve_references()
     ae_cfg.train.steps, ae_cfg.optimizer.lr, ae_cfg.train.ema_decay = a.steps, a.lr, 0.0
     pixels = {s: data[f"x_{s}"] * 2 - 1 for s in ("train", "test")}
-    ae_state, ae_metrics = train(latent.autoencoder_task(ae, a.latent_penalty), ae_cfg,
+    ae_state, ae_metrics = train(latent.autoencoder_task(ae, a.latent_penalty, a.latent_noise), ae_cfg,
                                  workdir / "autoencoder",
                                  pipeline.batches({"image": pixels["train"]}, a.batch_size,
                                                   cfg.train.seed),

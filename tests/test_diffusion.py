@@ -213,3 +213,23 @@ def test_ema_update_of_the_shared_loop():
     np.testing.assert_allclose(state.ema_params["w"], want, rtol=1e-6)
     # SGD on (w - target)^2 with lr 0.1: w_{s+1} = w_s - 0.2 (w_s - target), by hand.
     np.testing.assert_allclose(params[2], target * (1 - 0.8 ** 2), rtol=1e-6)
+
+
+def test_min_snr_weights_are_one_weighting_in_x0_space():
+    """For both targets the weighted loss equals min(SNR, gamma) * |x0 error|^2."""
+    from jaxcourse.diffusion.task import loss_weights
+
+    abar = jnp.array([0.999, 0.8, 0.3, 0.01])
+    snr = abar / (1 - abar)
+    rng = np.random.default_rng(0)
+    x0, noise, x0_hat = (jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for _ in range(3))
+    x_t = jnp.sqrt(abar)[:, None] * x0 + jnp.sqrt(1 - abar)[:, None] * noise
+    want = jnp.minimum(snr, 5.0) * jnp.sum((x0_hat - x0) ** 2, axis=1)
+    for prediction in ("eps", "v"):
+        # The network output that corresponds to the estimate x0_hat at this x_t.
+        eps_hat = (x_t - jnp.sqrt(abar)[:, None] * x0_hat) / jnp.sqrt(1 - abar)[:, None]
+        out = training_target(x0_hat, eps_hat, abar, prediction)
+        target = training_target(x0, noise, abar, prediction)
+        got = loss_weights(abar, prediction, 5.0) * jnp.sum((out - target) ** 2, axis=1)
+        np.testing.assert_allclose(got, want, rtol=2e-3)
+    np.testing.assert_array_equal(loss_weights(abar, "eps", 0.0), 1.0)

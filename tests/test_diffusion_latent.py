@@ -53,3 +53,9 @@ def test_loss_is_reconstruction_plus_latent_penalty_and_decoder_undoes_scale():
     np.testing.assert_allclose(z_np, z, atol=1e-5)
     images01 = latent.make_decoder(ae, params, scale=3.0)(z_np * 3.0)
     np.testing.assert_allclose(images01, np.clip((recon + 1) / 2, 0, 1), atol=1e-5)
+    # latent_noise: training decodes perturbed latents (rng-dependent); eval decodes z itself.
+    noisy = latent.autoencoder_task(ae, latent_penalty=0.5, latent_noise=0.3)
+    f = jax.jit(noisy.loss, static_argnums=4)
+    l1, l2 = (f(params, {}, {"image": x}, jax.random.PRNGKey(k), True)[0] for k in (1, 2))
+    assert l1 != l2 and min(l1, l2) != loss
+    np.testing.assert_allclose(f(params, {}, {"image": x}, None, False)[0], loss, rtol=1e-6)

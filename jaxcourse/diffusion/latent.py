@@ -16,8 +16,12 @@ from jaxcourse.train import Task, make_optimizer, make_step
 from jaxcourse.train.state import TrainState
 
 
-def autoencoder_task(ae: Autoencoder, latent_penalty: float) -> Task:
-    """Reconstruction MSE + latent_penalty * mean(z^2); batches {"image": [-1, 1] images}."""
+def autoencoder_task(ae: Autoencoder, latent_penalty: float, latent_noise: float = 0.0) -> Task:
+    """Reconstruction MSE + latent_penalty * mean(z^2); batches {"image": [-1, 1] images}.
+
+    latent_noise > 0 decodes z + latent_noise * N(0, 1) while training: the decoder must
+    tolerate small latent errors, which is what a diffusion model's samples are (the role
+    of the VAE's sampling step in Rombach et al. 2022, with a fixed noise scale)."""
 
     def init(rng, batch):
         # An "rbg" key compiles faster than threefry on CPU (see diffusion/task.py).
@@ -25,7 +29,11 @@ def autoencoder_task(ae: Autoencoder, latent_penalty: float) -> Task:
         return ae.init(key, batch["image"][:1])["params"], {}
 
     def loss(params, model_state, batch, rng, train):
-        recon, z = ae.apply({"params": params}, batch["image"])
+        z = ae.apply({"params": params}, batch["image"], method=Autoencoder.encode)
+        z_in = z
+        if train and latent_noise > 0:
+            z_in = z + latent_noise * jax.random.normal(rng, z.shape, z.dtype)
+        recon = ae.apply({"params": params}, z_in, method=Autoencoder.decode)
         mse = jnp.mean(jnp.square(recon - batch["image"]))
         z_sq = jnp.mean(jnp.square(z))
         return mse + latent_penalty * z_sq, ({"recon_mse": mse, "latent_sq": z_sq}, model_state)

@@ -15,8 +15,21 @@ from jaxcourse.diffusion.schedules import Schedule, q_sample, training_target
 from jaxcourse.train import Task
 
 
+def loss_weights(abar_B, prediction: str, min_snr: float):
+    """Min-SNR-gamma weights (Hang et al. 2023, eq. 8): cap each timestep's weight in
+    x_0-error terms at gamma, so the easy low-noise steps stop dominating the gradient.
+    Expressed for the eps (weight min(SNR, g) / SNR) or v (min(SNR, g) / (SNR + 1)) loss;
+    min_snr = 0 means the plain unweighted loss."""
+    if min_snr <= 0:
+        return jnp.ones_like(abar_B)
+    snr = abar_B / (1.0 - abar_B)
+    capped = jnp.minimum(snr, min_snr)
+    return capped / snr if prediction == "eps" else capped / (snr + 1.0)
+
+
 def diffusion_task(model: nn.Module, sched: Schedule, prediction: str = "eps",
-                   num_classes: int = 0, cond_dropout: float = 0.1) -> Task:
+                   num_classes: int = 0, cond_dropout: float = 0.1,
+                   min_snr: float = 0.0) -> Task:
     """Batches are {"image": [B, H, W, C] in [-1, 1] (or latents), "label": [B] int}."""
 
     def init(rng, batch):
@@ -43,8 +56,11 @@ def diffusion_task(model: nn.Module, sched: Schedule, prediction: str = "eps",
                 labels = drop_labels(k_label, labels, cond_dropout, num_classes)
         out = model.apply({"params": params}, x_t, t_B, labels, train=train,
                           rngs={"dropout": k_drop})
-        target = training_target(x0, noise, sched.alpha_bars[t_B], prediction)
-        mse = jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)))
-        return mse, ({"mse": mse}, model_state)
+        abar_B = sched.alpha_bars[t_B]
+        target = training_target(x0, noise, abar_B, prediction)
+        se_B = jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)),
+                        axis=tuple(range(1, x0.ndim)))
+        loss = jnp.mean(loss_weights(abar_B, prediction, min_snr) * se_B)
+        return loss, ({"mse": jnp.mean(se_B)}, model_state)
 
     return Task(init=init, loss=loss)
