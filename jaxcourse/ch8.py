@@ -255,8 +255,8 @@ def run_latent(cfg, workdir: pathlib.Path) -> dict:
     ae_cfg = cfg.copy_and_resolve_references()
     ae_cfg.train.steps, ae_cfg.optimizer.lr, ae_cfg.train.ema_decay = a.steps, a.lr, 0.0
     pixels = {s: data[f"x_{s}"] * 2 - 1 for s in ("train", "test")}
-    ae_state, ae_metrics = train(latent.autoencoder_task(ae, a.latent_penalty, a.latent_noise), ae_cfg,
-                                 workdir / "autoencoder",
+    ae_task = latent.autoencoder_task(ae, a.latent_penalty, a.latent_noise)
+    ae_state, ae_metrics = train(ae_task, ae_cfg, workdir / "autoencoder",
                                  pipeline.batches({"image": pixels["train"]}, a.batch_size,
                                                   cfg.train.seed),
                                  pipeline.eval_batches({"image": pixels["test"]}, 512))

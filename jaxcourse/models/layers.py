@@ -55,7 +55,9 @@ def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     with first axes of rhs" fall back to lax.dot_general."""
     (lc, rc), (lb, rb) = dimension_numbers
     n = len(lc)
-    if lb or rb or tuple(lc) != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rc) != tuple(range(n)):
+    trailing_by_leading = (tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim))
+                           and tuple(rc) == tuple(range(n)))
+    if lb or rb or not trailing_by_leading:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
                                    preferred_element_type=preferred_element_type)
     k = math.prod(rhs.shape[:n])
