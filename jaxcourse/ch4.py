@@ -26,14 +26,15 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcourse import cli, config  # noqa: E402
-from jaxcourse.report import markdown_table, write_results  # noqa: E402
 from jaxcourse.data import pipeline, sft, sources  # noqa: E402
 from jaxcourse.data import tokenizers as toklib  # noqa: E402
 from jaxcourse.errors import UserError  # noqa: E402
 from jaxcourse.models import decode, lora  # noqa: E402
-from jaxcourse.parallel.mesh import mesh_config  # noqa: E402
-from jaxcourse.models.transformer import (GPT, Block, GPTConfig, gpt_config,  # noqa: E402
+from jaxcourse.models.grad_barriers import with_grad_barriers  # noqa: E402
+from jaxcourse.models.transformer import (GPT, GPTConfig, gpt_config,  # noqa: E402
                                           lm_loss, lm_task, model_section)
+from jaxcourse.parallel.mesh import mesh_config  # noqa: E402
+from jaxcourse.report import markdown_table, write_results  # noqa: E402
 from jaxcourse.train import Checkpointer, Task, train  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def pretrain_config(preset: str):
     cfg.tokenizer = {"name": "char", "vocab_size": 512}  # vocab_size: BPE only.
     cfg.lm = {"max_chars": 0, "val_fraction": 0.1, "eval_batches": 200, "monitor_batches": 20,
               "prompt": "\n", "sample_tokens": 200, "temperature": 0.8, "top_k": 0,
-              "grad_barriers": True}  # see with_grad_barriers: 3x faster steps on XLA CPU.
+              "grad_barriers": True}  # models/grad_barriers.py: 3x faster CPU steps.
     t, o = cfg.train, cfg.optimizer
     t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 2000, 12, 250, 50, 50
     o.name, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio = "adamw", 1e-3, "warmup_cosine", 100, 0.1
@@ -187,44 +188,6 @@ def sample_text(model_cfg, params, tok, cfg, seed: int = 0) -> str:
                               max_new_tokens=n, temperature=s.temperature, top_k=s.top_k)
         ids += np.asarray(out[0]).tolist()
     return tok.decode(ids)
-
-
-# ---------------------------------------------------------------------------------------
-# Training speed on CPU.
-
-@jax.custom_vjp
-def grad_barrier(x):
-    """Identity whose backward pass materialises the incoming gradient (optimization_barrier)."""
-    return x
-
-
-grad_barrier.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barrier(g),))
-
-
-def _barrier_interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name != "__call__":
-        return out
-    if isinstance(context.module, Block):
-        return (grad_barrier(out[0]), *out[1:])
-    if isinstance(context.module, nn.Dense) and context.module.name in ("up", "gate"):
-        return grad_barrier(out)
-    return out
-
-
-def with_grad_barriers(task: Task) -> Task:
-    """The same task, with gradient barriers at every block output and MLP up-projection.
-
-    Measured with XLA's CPU profiler (chapters/ch04_llm.md): XLA CPU fuses the residual-stream
-    gradient (every LayerNorm backward above a layer) into each weight-gradient transpose, so
-    the chain is recomputed once per consumer, quadratic in depth; and it fuses the GELU
-    derivative into a strided [768,512] transpose. Materialising those two gradients cuts
-    the step's CPU time 3x. The math is untouched (identical losses); only fusion changes.
-    """
-    def loss(*args, **kwargs):
-        with nn.intercept_methods(_barrier_interceptor):
-            return task.loss(*args, **kwargs)
-    return Task(init=task.init, loss=loss)
 
 
 # ---------------------------------------------------------------------------------------

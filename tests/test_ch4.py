@@ -10,6 +10,7 @@ import pytest
 
 from jaxcourse import ch4
 from jaxcourse.models import lora
+from jaxcourse.models.grad_barriers import with_grad_barriers
 from jaxcourse.models.transformer import GPTConfig, lm_task
 
 
@@ -47,7 +48,7 @@ def test_grad_barriers_change_nothing_but_fusion():
     @jax.jit
     def both_grads(params):
         grad = lambda t: jax.grad(lambda p: t.loss(p, {}, batch, jax.random.key(2), True)[0])  # noqa: E731
-        return grad(task)(params), grad(ch4.with_grad_barriers(task))(params)
+        return grad(task)(params), grad(with_grad_barriers(task))(params)
 
     plain, barriered = both_grads(params)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(barriered)):
