@@ -8,7 +8,6 @@ weights), then sample it with DDPM, DDIM and a probability-flow ODE solver at se
 counts, with classifier-free guidance, and judge the samples with chapter 2's classifier:
 its accuracy on the requested classes and a Fréchet distance in its feature space.
 """
-import dataclasses
 import pathlib
 
 import numpy as np

@@ -9,14 +9,14 @@ function too: `causal` keeps key j <= query i (top-left aligned when T != S), `w
 keeps i - l <= j <= i + r (an int w means (w, w)); `segment_ids` keeps pairs in the same segment.
 A query row with no key left gets output 0 and zero gradients.
 
-Three pallas_calls: forward (also writes the log-sum-exp), dK/dV and dQ. The backward kernels
+Three pallas_calls: forward (also writes the log-sum-exp; this file), dK/dV and dQ
+(flash_attention_backward.py); shared tiles and masks live in _flash_blocks.py. The backward kernels
 recompute the attention probabilities block by block from q, k and the saved log-sum-exp; no
 [T, S] matrix is ever written to memory. Blocks that a causal / window mask removes entirely
 are skipped by the loop bounds, not computed and masked.
 """
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -25,106 +25,13 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
 from pallas_kernels._attention_args import band, check_inputs, segments, softmax_scale
-
-LOG2_E = math.log2(math.e)
-# Finite stand-in for -inf: a fully masked block then gives exp2(MASK - MASK) = 1 (removed
-# again by the mask) instead of exp2(-inf + inf) = nan.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-# ----------------------------------------------------------------------------- block sizes
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes (powers of two >= 16; clamped down for short sequences).
-
-    Defaults are a conservative first guess for H100/H200, not tuned on hardware yet.
-    """
-    block_q: int = 128          # forward: query rows per program (the grid's parallel axis)
-    block_k: int = 64           # forward: keys per inner-loop step
-    block_q_dkv: int = 64       # dK/dV kernel: query rows per inner-loop step
-    block_k_dkv: int = 64       # dK/dV kernel: keys per program
-    block_q_dq: int = 64        # dQ kernel: query rows per program
-    block_k_dq: int = 64        # dQ kernel: keys per inner-loop step
-    num_warps: int = 0          # 0: 4 for head_dim <= 64, else 8
-    num_stages: int = 2         # Triton software-pipelining depth of the inner loops
+from pallas_kernels._flash_blocks import (LOG2_E, MASK_VALUE, BlockSizes, _block_mask,
+                                          _dot_nn, _dot_nt, _kv_head, _kv_steps, _segment_args,
+                                          _segment_specs, _Spec, _split, _warps)
+from pallas_kernels.flash_attention_backward import _backward_dkv, _backward_dq
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """Everything static about one call; hashable, so it rides along as a nondiff argument."""
-    sm_scale: float
-    left: int | None            # keep i - j <= left   (None: unbounded)
-    right: int | None           # keep j - i <= right  (causal: 0)
-    seq_k: int                  # true key length; padded keys (>= seq_k) are masked
-    pad_k: bool                 # whether the wrapper padded keys at all
-    groups: int                 # query heads per kv head
-    blocks: BlockSizes          # clamped to the problem
-    segments: bool
-    interpret: bool
-
-
-# ----------------------------------------------------------------------------- kernels
-def _dot_nt(a, b):
-    """a [m, d] @ b[n, d]^T -> [m, n] in float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    """a [m, n]^T @ b[m, d] -> [n, d] in float32."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _and(a, b):
-    return b if a is None else jnp.logical_and(a, b)
-
-
-def _block_mask(spec, q_start, k_start, bq, bk, seg_q, seg_k):
-    """Boolean [bq, bk] of kept (query, key) pairs, or None when nothing is masked."""
-    rows = q_start + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    cols = k_start + jnp.arange(bk, dtype=jnp.int32)[None, :]
-    mask = None
-    if spec.right is not None:
-        mask = _and(mask, cols - rows <= spec.right)
-    if spec.left is not None:
-        mask = _and(mask, rows - cols <= spec.left)
-    if spec.pad_k:
-        mask = _and(mask, cols < spec.seq_k)
-    if seg_q is not None:
-        mask = _and(mask, seg_q[:, None] == seg_k[None, :])
-    return mask
-
-
-def _kv_steps(spec, q_start, bq, bk, n_blocks):
-    """Key blocks [lo, hi) that can hold a kept key for query rows [q_start, q_start + bq)."""
-    lo, hi = 0, n_blocks
-    if spec.left is not None:
-        lo = lax.div(jnp.maximum(q_start - spec.left, 0), jnp.int32(bk))
-    if spec.right is not None:
-        hi = jnp.minimum(lax.div(q_start + (bq + spec.right + bk - 1), jnp.int32(bk)), n_blocks)
-    return lo, hi
-
-
-def _q_steps(spec, k_start, bq, bk, n_blocks):
-    """Query blocks [lo, hi) that can keep a key in [k_start, k_start + bk)."""
-    lo, hi = 0, n_blocks
-    if spec.right is not None:
-        lo = lax.div(jnp.maximum(k_start - spec.right, 0), jnp.int32(bq))
-    if spec.left is not None:
-        hi = jnp.minimum(lax.div(k_start + (bk + spec.left + bq - 1), jnp.int32(bq)), n_blocks)
-    return lo, hi
-
-
-def _split(refs, n_in, segments):
-    """Kernel refs -> (inputs, seg_q_ref, seg_k_ref, outputs); segment refs come last in."""
-    if segments:
-        return refs[:n_in], refs[n_in], refs[n_in + 1], refs[n_in + 2:]
-    return refs[:n_in], None, None, refs[n_in:]
-
-
+# ----------------------------------------------------------------------------- forward
 def _forward_kernel(*refs, spec):
     """One query block against all its key blocks: Algorithm 1 of FlashAttention-2.
 
@@ -169,90 +76,6 @@ def _forward_kernel(*refs, spec):
     lse_ref[...] = jnp.where(kept, m + jnp.log2(l_safe), 0.0)
 
 
-def _probs(spec, q, k, lse, q_start, k_start, bq, bk, seg_q, seg_k):
-    """Recomputed attention probabilities P [bq, bk] (Algorithm 2, line 11)."""
-    s = _dot_nt(q, k) * (spec.sm_scale * LOG2_E)
-    p = jnp.exp2(s - lse[:, None])
-    mask = _block_mask(spec, q_start, k_start, bq, bk, seg_q, seg_k)
-    return p if mask is None else jnp.where(mask, p, 0.0)
-
-
-def _dkv_kernel(*refs, spec):
-    """One key block against all its query blocks: dV = P^T dO, dK = scale * dS^T Q.
-
-    Section 3.2: the backward is parallel over key blocks so dK/dV accumulate in registers
-    without atomics; dQ comes from its own kernel below instead of atomic adds.
-    """
-    ins, sq_ref, sk_ref, (dk_ref, dv_ref) = _split(refs, 6, spec.segments)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
-    bq, bk = spec.blocks.block_q_dkv, spec.blocks.block_k_dkv
-    n_q = q_ref.shape[0] // bq
-    k_start = pl.program_id(0) * bk
-    keys = pl.ds(k_start, bk)
-    k, v = k_ref[keys, :], v_ref[keys, :]
-    seg_k = None if sk_ref is None else sk_ref[keys]
-
-    def step(i, carry):
-        dk, dv = carry
-        rows = pl.ds(i * bq, bq)
-        q, do = q_ref[rows, :], do_ref[rows, :]
-        seg_q = None if sq_ref is None else sq_ref[rows]
-        p = _probs(spec, q, k, lse_ref[rows], i * bq, k_start, bq, bk, seg_q, seg_k)
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, v) - delta_ref[rows][:, None])   # Algorithm 2, lines 13-14
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
-        return dk, dv
-
-    zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
-    lo, hi = _q_steps(spec, k_start, bq, bk, n_q)
-    dk, dv = lax.fori_loop(lo, hi, step, (zeros, zeros))
-    dk_ref[...] = (dk * spec.sm_scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _dq_kernel(*refs, spec):
-    """One query block against all its key blocks: dQ = scale * dS K."""
-    ins, sq_ref, sk_ref, (dq_ref,) = _split(refs, 6, spec.segments)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
-    bq, bk = spec.blocks.block_q_dq, spec.blocks.block_k_dq
-    n_k = k_ref.shape[0] // bk
-    q_start = pl.program_id(0) * bq
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    seg_q = None if sq_ref is None else sq_ref[...]
-
-    def step(j, dq):
-        keys = pl.ds(j * bk, bk)
-        k, v = k_ref[keys, :], v_ref[keys, :]
-        seg_k = None if sk_ref is None else sk_ref[keys]
-        p = _probs(spec, q, k, lse, q_start, j * bk, bq, bk, seg_q, seg_k)
-        ds = p * (_dot_nt(do, v) - delta[:, None])
-        return dq + _dot_nn(ds.astype(k.dtype), k)
-
-    lo, hi = _kv_steps(spec, q_start, bq, bk, n_k)
-    dq = lax.fori_loop(lo, hi, step, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * spec.sm_scale).astype(dq_ref.dtype)
-
-
-# ----------------------------------------------------------------------------- pallas_calls
-def _kv_head(h, spec):
-    """Query head h reads kv head h // groups (GQA); an index map, so integer ops only."""
-    return h if spec.groups == 1 else lax.div(h, jnp.int32(spec.groups))
-
-
-def _warps(spec, head_dim):
-    return spec.blocks.num_warps or (4 if head_dim <= 64 else 8)
-
-
-def _segment_specs(spec, q_block, k_block, q_index, k_index):
-    if not spec.segments:
-        return []
-    return [pl.BlockSpec((None, q_block), q_index), pl.BlockSpec((None, k_block), k_index)]
-
-
-def _segment_args(spec, seg_q, seg_k):
-    return [seg_q, seg_k] if spec.segments else []
-
-
 def _forward(spec, q, k, v, seg_q, seg_k):
     """Padded q [B, T, H, D], k/v [B, S, KVH, D] -> (o [B, T, H, D], lse [B, H, T] base 2)."""
     batch, seq_q, heads, dim = q.shape
@@ -273,53 +96,6 @@ def _forward(spec, q, k, v, seg_q, seg_k):
         interpret=spec.interpret,
         name="flash_attention_fwd",
     )(q, k, v, *_segment_args(spec, seg_q, seg_k))
-
-
-def _backward_dkv(spec, q, k, v, do, lse, delta, seg_q, seg_k):
-    """dK, dV per query head [B, S, H, D]; the caller sums the heads of each GQA group."""
-    batch, seq_q, heads, dim = q.shape
-    seq_k = k.shape[1]
-    bk = spec.blocks.block_k_dkv
-    whole_q = pl.BlockSpec((None, seq_q, None, dim), lambda j, b, h: (b, 0, h, 0))
-    kv_block = pl.BlockSpec((None, bk, None, dim), lambda j, b, h: (b, j, _kv_head(h, spec), 0))
-    whole_stat = pl.BlockSpec((None, None, seq_q), lambda j, b, h: (b, h, 0))
-    in_specs = [whole_q, kv_block, kv_block, whole_q, whole_stat, whole_stat] + _segment_specs(
-        spec, seq_q, bk, lambda j, b, h: (b, 0), lambda j, b, h: (b, j))
-    # Per-head partials are summed over the group in float32 so GQA loses no precision.
-    grad_dtype = k.dtype if spec.groups == 1 else jnp.float32
-    out_block = pl.BlockSpec((None, bk, None, dim), lambda j, b, h: (b, j, h, 0))
-    out_shape = jax.ShapeDtypeStruct((batch, seq_k, heads, dim), grad_dtype)
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, spec=spec),
-        grid=(seq_k // bk, batch, heads),
-        in_specs=in_specs,
-        out_specs=[out_block, out_block],
-        out_shape=[out_shape, out_shape],
-        compiler_params=_common.gpu_params(_warps(spec, dim), spec.blocks.num_stages),
-        interpret=spec.interpret,
-        name="flash_attention_dkv",
-    )(q, k, v, do, lse, delta, *_segment_args(spec, seg_q, seg_k))
-
-
-def _backward_dq(spec, q, k, v, do, lse, delta, seg_q, seg_k):
-    batch, seq_q, heads, dim = q.shape
-    seq_k = k.shape[1]
-    bq = spec.blocks.block_q_dq
-    row = pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0))
-    whole_kv = pl.BlockSpec((None, seq_k, None, dim), lambda i, b, h: (b, 0, _kv_head(h, spec), 0))
-    stat = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    in_specs = [row, whole_kv, whole_kv, row, stat, stat] + _segment_specs(
-        spec, bq, seq_k, lambda i, b, h: (b, i), lambda i, b, h: (b, 0))
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, spec=spec),
-        grid=(seq_q // bq, batch, heads),
-        in_specs=in_specs,
-        out_specs=row,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_common.gpu_params(_warps(spec, dim), spec.blocks.num_stages),
-        interpret=spec.interpret,
-        name="flash_attention_dq",
-    )(q, k, v, do, lse, delta, *_segment_args(spec, seg_q, seg_k))
 
 
 # ----------------------------------------------------------------------------- custom VJP
