@@ -1,4 +1,4 @@
-"""GPT training on CPU, side by side: jaxcourse (ch4 `cpu` preset) vs a compact PyTorch GPT.
+"""GPT training on CPU side by side: jaxcourse (ch4 `cpu` preset), nanoGPT, a compact PyTorch GPT.
 
 Both train the same model (4 layers, 4 heads, width 128, context 64, batch 12, no bias, tied
 embeddings, GELU MLP 4x, AdamW lr 1e-3 b2=0.99 wd=0.1, 100 warmup steps then cosine to 1e-4,
@@ -6,9 +6,16 @@ clip 1.0) for 2000 iterations on character-level tiny Shakespeare, then report v
 as nanoGPT defines it: the mean over 200 random batches of the held-out last 10% of the text.
 
     python benchmarks/gpt_train.py [--iters 2000] [--torch-python /work/torchvenv/bin/python]
+                                   [--nanogpt <checkout of github.com/karpathy/nanoGPT>]
 
 The PyTorch side runs in its own interpreter (PyTorch is not a project dependency):
 `python3 -m venv /work/torchvenv && /work/torchvenv/bin/pip install torch==2.13.0 numpy`.
+With `--nanogpt`, nanoGPT's own train.py also runs, with the exact command of its README's CPU
+section (eval every 250 iterations on 20 batches, a loss print every iteration): the reference
+the issue names. Its ms/iter is the mean of the times it prints, leaving out iteration 0 and
+the iterations that evaluate; its val loss is its own 20-batch estimate at the last step.
+Nothing of nanoGPT is in this repo: its files are linked from a temporary directory that holds
+the character-level data in nanoGPT's format (data/shakespeare_char/prepare.py's split).
 The runs go one after the other (never together: they would share the two cores), interleaved
 `--repeats` times: jaxcourse on one XLA device, jaxcourse with the CPU split into 2 devices
 (the preset's data-parallel mesh), PyTorch with 2 threads. The script prints one markdown
@@ -22,6 +29,7 @@ import math
 import os
 import pathlib
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,7 +146,45 @@ def torch_worker(data_path, iters, seed):
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run_child(cmd, env=None):
+def nanogpt_run(torch_python, checkout, data_path, iters):
+    """nanoGPT's README CPU command, unmodified, on the same text; parses what it prints."""
+    import pickle  # pylint: disable=import-outside-toplevel
+    import re  # pylint: disable=import-outside-toplevel
+
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    checkout = pathlib.Path(checkout).resolve()
+    if not (checkout / "train.py").is_file():
+        sys.exit(f"not a nanoGPT checkout (no train.py): {checkout}")
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="nanogpt_"))
+    for name in ("train.py", "model.py", "configurator.py", "config"):
+        (run_dir / name).symlink_to(checkout / name)
+    data_dir = run_dir / "data" / "shakespeare_char"
+    data_dir.mkdir(parents=True)
+    train_ids, val_ids, vocab = char_split(data_path)
+    train_ids.astype(np.uint16).tofile(data_dir / "train.bin")
+    val_ids.astype(np.uint16).tofile(data_dir / "val.bin")
+    chars = sorted(set(pathlib.Path(data_path).read_text()))
+    with open(data_dir / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": vocab, "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    cmd = [torch_python, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
+           "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+           "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+           f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--dropout=0.0",
+           f"--out_dir={run_dir / 'out'}"]
+    out, wall, rss = run_child(cmd, cwd=run_dir)
+    iter_lines = re.findall(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms", out)
+    evals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", out)
+    eval_steps = {int(s) for s, _ in evals}
+    times = [float(t) for i, _, t in iter_lines if int(i) > 0 and int(i) not in eval_steps]
+    shutil.rmtree(run_dir)  # its checkpoint and the data copy
+    return {"impl": "nanoGPT train.py (eager PyTorch, README CPU command)",
+            "ms_per_iter": sum(times) / len(times),
+            "val_loss": float(evals[-1][1]), "final_train_loss": float(iter_lines[-1][1]),
+            "wall_s": wall, "peak_rss_mb": rss}
+
+
+def run_child(cmd, env=None, cwd=REPO):
     """Runs `cmd`; returns (stdout, wall seconds, peak RSS MB of that child alone)."""
     # RUSAGE_CHILDREN's maxrss is a maximum over all waited-for children, so each child is run
     # through a tiny wrapper that reports its own rusage.
@@ -148,7 +194,7 @@ def run_child(cmd, env=None):
                "print(json.dumps({'__rss_mb':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,"
                "'__wall_s':time.perf_counter()-t,'__rc':p.returncode}))")
     out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
-                         cwd=REPO, check=False, env=env)
+                         cwd=cwd, check=False, env=env)
     lines = out.stdout.strip().splitlines()
     meta = json.loads(lines[-1])
     if meta["__rc"] != 0:
@@ -194,6 +240,7 @@ def main():
     ap.add_argument("--torch-python", default="/work/torchvenv/bin/python")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-jax", action="store_true")
+    ap.add_argument("--nanogpt", default="", help="a nanoGPT checkout: also run its train.py")
     ap.add_argument("--devices", default="1,2", help="CPU device counts for the JAX runs")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -205,11 +252,16 @@ def main():
         sys.exit(f"data file not found: {args.data}")
     runs = [] if args.skip_jax else [("jax", int(d)) for d in args.devices.split(",")]
     runs += [] if args.skip_torch else [("torch", 0)]
+    runs += [("nanogpt", 0)] if args.nanogpt else []
     rows, load_before = [], os.getloadavg()[0]
     for repeat in range(args.repeats):  # interleaved, so that drifting load hits every row.
         for kind, devices in runs:
-            r = (jax_run(args.data, args.iters, args.jax_overrides, devices) if kind == "jax"
-                 else torch_run(args.torch_python, args.data, args.iters, args.seed))
+            if kind == "jax":
+                r = jax_run(args.data, args.iters, args.jax_overrides, devices)
+            elif kind == "torch":
+                r = torch_run(args.torch_python, args.data, args.iters, args.seed)
+            else:
+                r = nanogpt_run(args.torch_python, args.nanogpt, args.data, args.iters)
             rows.append({**r, "repeat": repeat})
             print(f"{r['impl']}: {r['ms_per_iter']:.1f} ms/iter, val loss {r['val_loss']:.3f}",
                   flush=True)
@@ -224,11 +276,11 @@ def main():
     for r in rows:  # the fastest run of each implementation: the least disturbed one.
         if r["impl"] not in best or r["ms_per_iter"] < best[r["impl"]]:
             best[r["impl"]] = r["ms_per_iter"]
-    torch_ms = next((ms for impl, ms in best.items() if impl.startswith("PyTorch")), None)
-    if torch_ms:
-        for impl, ms in best.items():
-            if not impl.startswith("PyTorch"):
-                print(f"speed-up of {impl} over PyTorch (fastest runs): {torch_ms / ms:.2f}x")
+    for ref, ref_ms in best.items():
+        if ref.startswith(("PyTorch", "nanoGPT")):
+            for impl, ms in best.items():
+                if impl.startswith("jaxcourse"):
+                    print(f"speed-up of {impl} over {ref} (fastest runs): {ref_ms / ms:.2f}x")
     print(json.dumps(rows))
 
 

@@ -159,6 +159,31 @@ def test_bf16_matmuls_are_bf16_products_with_f32_gradients():
     np.testing.assert_allclose(out, ref, atol=0.05)
 
 
+@pytest.mark.parametrize("m,k", [(96, 128), (96, 7)])
+def test_bf16_matmul_backward_compiles_to_bf16_dots(m, k):
+    """The speed of matmul="bfloat16" on CPU rests on XLA keeping all three products of a
+    training step in bf16: a bf16 dot that contracts the leading axis of its lhs is run in
+    float32 instead (`_unfoldable_transpose` in layers.py avoids that). Checks the compiled
+    gradient: every dot takes bf16 operands, and the values match the f32 reference."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a property of XLA's CPU compiler")
+    from jaxcourse.models.layers import bf16_dot_general
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, 64)), jnp.float32)
+    dims = (((1,), (0,)), ((), ()))
+    loss = lambda x, w: jnp.sum(jnp.tanh(bf16_dot_general(x, w, dims)))  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    hlo = grad.lower(x, w).compile().as_text()
+    dot_inputs = [line for comp in hlo.split("\n\n") if " dot(" in comp
+                  for line in comp.splitlines() if "parameter(" in line]
+    assert len(dot_inputs) >= 6 and all(" bf16[" in line for line in dot_inputs), dot_inputs
+    ref = jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w)), argnums=(0, 1))(x, w)
+    for got, want in zip(grad(x, w), ref):
+        np.testing.assert_allclose(got, want, atol=0.05 * float(jnp.max(jnp.abs(want))))
+
+
 def test_parameters_carry_logical_axis_names():
     tokens = _tokens()
     for cfg, path in [(TINY, ("blocks", "layer_0")),
