@@ -26,13 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcourse import cli, config  # noqa: E402
-from jaxcourse.report import markdown_table, write_results  # noqa: E402
 from jaxcourse.data import pipeline, sources  # noqa: E402
 from jaxcourse.data.tokenizers import CharTokenizer  # noqa: E402
 from jaxcourse.errors import UserError  # noqa: E402
 from jaxcourse.models import decode  # noqa: E402
 from jaxcourse.models.transformer import (GPT, attention_maps, gpt_config,  # noqa: E402
                                           lm_task, model_section)
+from jaxcourse.report import markdown_table, write_results  # noqa: E402
 from jaxcourse.train import TrainingDiverged, train  # noqa: E402
 
 

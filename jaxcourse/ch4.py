@@ -139,6 +139,11 @@ def batch_loss(model_cfg: GPTConfig, params, batch):
     return lm_loss(logits_fn(model_cfg, params, batch["inputs"]), batch["targets"])[0]
 
 
+def cpu_workarounds(task: Task, cfg) -> Task:
+    """The task with gradient barriers when lm.grad_barriers (models/grad_barriers.py)."""
+    return with_grad_barriers(task) if cfg.lm.grad_barriers else task
+
+
 def mean_loss(model_cfg: GPTConfig, params, batches) -> float:
     """Mean over batches of the batch-mean next-token loss (nats)."""
     return float(np.mean([batch_loss(model_cfg, params, b) for b in batches]))
@@ -201,14 +206,13 @@ def run_gpt(cfg, workdir: pathlib.Path) -> dict:
                         f"tokenizer's {corpus.tokenizer.vocab_size} tokens")
     model_cfg = gpt_config(cfg.model, vocab_size=cfg.model.vocab_size or corpus.tokenizer.vocab_size)
     t, context = cfg.train, model_cfg.context
-    decode.check_lengths(model_cfg, max(1, len(corpus.tokenizer.encode(cfg.lm.prompt))), 1)  # fail early
+    prompt_len = max(1, len(corpus.tokenizer.encode(cfg.lm.prompt)))
+    decode.check_lengths(model_cfg, prompt_len, 1)  # fail before training, not after
     data = pipeline.lm_batches(corpus.train, t.batch_size, context, t.seed)
     val = random_batches(corpus.val, cfg.lm.eval_batches, t.batch_size, context, t.seed + 1)
     # The loop's periodic eval draws the curve on a few batches; val_loss uses all of them.
     monitor = val[:cfg.lm.monitor_batches] if cfg.lm.monitor_batches else None
-    task = lm_task(model_cfg)
-    state, m = train(with_grad_barriers(task) if cfg.lm.grad_barriers else task, cfg, workdir,
-                     data, monitor)
+    state, m = train(cpu_workarounds(lm_task(model_cfg), cfg), cfg, workdir, data, monitor)
     params = state.ema_params if state.ema_params is not None else state.params
     val_loss = mean_loss(model_cfg, params, val)
     save_model(workdir, model_cfg, params, corpus.tokenizer)
@@ -216,7 +220,8 @@ def run_gpt(cfg, workdir: pathlib.Path) -> dict:
     (workdir / "sample.txt").write_text(sample)
     print(f"val loss {val_loss:.4f}; {1000 / m['steps_per_second']:.1f} ms/step\n{sample}")
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    return {"val_loss": val_loss, "train/loss": m.get("train/loss", float("nan")), "steps": m["steps"],
+    return {"val_loss": val_loss, "train/loss": m.get("train/loss", float("nan")),
+            "steps": m["steps"],
             "tokens_per_second": m["steps_per_second"] * t.batch_size * context,
             "train_ms_per_step": 1000.0 / m["steps_per_second"], "params": n_params,
             "vocab_size": model_cfg.vocab_size, "fertility": corpus.fertility,
@@ -272,8 +277,7 @@ def scale_memory_rows(cfg, lcfg: lora.LoRAConfig, batch_size: int) -> list[dict]
 def fine_tune(name: str, task: Task, cfg, workdir: pathlib.Path, sets: dict):
     """One fine-tuning run through the shared loop; returns (state, row of the table)."""
     data = pipeline.batches(sets["train"], cfg.train.batch_size, cfg.train.seed)
-    if cfg.lm.grad_barriers:
-        task = with_grad_barriers(task)
+    task = cpu_workarounds(task, cfg)
     state, m = train(task, cfg, workdir / name, data)  # held-out accuracy is measured after.
     row = {"method": name, "steps": m["steps"], "train_loss": m.get("train/loss", float("nan")),
            "step_ms": 1000 / m["steps_per_second"]}

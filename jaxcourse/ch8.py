@@ -10,9 +10,12 @@ its accuracy on the requested classes and a Fréchet distance in its feature spa
 """
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcourse import cli
+from jaxcourse.config import base_config
 from jaxcourse.data import pipeline, sources
 from jaxcourse.diffusion import evaluate, figures, latent
 from jaxcourse.diffusion.judge import judge_config, train_judge
@@ -22,7 +25,6 @@ from jaxcourse.diffusion.task import diffusion_task
 from jaxcourse.errors import UserError
 from jaxcourse.models.autoencoder import Autoencoder, AutoencoderConfig
 from jaxcourse.models.unet import UNet, UNetConfig
-from jaxcourse.config import base_config
 from jaxcourse.train import train
 
 
@@ -190,9 +192,6 @@ def save_sample_grids(cfg, workdir, sampler, params, decode) -> None:
 
 def save_forward_strip(workdir, sched, x01) -> None:
     """One image noised to t = 0 .. T-1 in closed form, as the forward process sees it."""
-    import jax
-    import jax.numpy as jnp
-
     ts = np.linspace(0, sched.steps - 1, 10).astype(np.int32)
     x0 = jnp.asarray(np.repeat(x01[None] * 2 - 1, len(ts), 0))
     noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)

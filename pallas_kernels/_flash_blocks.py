@@ -78,24 +78,25 @@ def _block_mask(spec, q_start, k_start, bq, bk, seg_q, seg_k):
     return mask
 
 
+def _block_range(start, size, before, after, block, n_blocks):
+    """Blocks [lo, hi) of length `block` that meet [start - before, start + size + after)
+    (None: unbounded on that side)."""
+    lo, hi = 0, n_blocks
+    if before is not None:
+        lo = lax.div(jnp.maximum(start - before, 0), jnp.int32(block))
+    if after is not None:
+        hi = jnp.minimum(lax.div(start + (size + after + block - 1), jnp.int32(block)), n_blocks)
+    return lo, hi
+
+
 def _kv_steps(spec, q_start, bq, bk, n_blocks):
     """Key blocks [lo, hi) that can hold a kept key for query rows [q_start, q_start + bq)."""
-    lo, hi = 0, n_blocks
-    if spec.left is not None:
-        lo = lax.div(jnp.maximum(q_start - spec.left, 0), jnp.int32(bk))
-    if spec.right is not None:
-        hi = jnp.minimum(lax.div(q_start + (bq + spec.right + bk - 1), jnp.int32(bk)), n_blocks)
-    return lo, hi
+    return _block_range(q_start, bq, spec.left, spec.right, bk, n_blocks)
 
 
 def _q_steps(spec, k_start, bq, bk, n_blocks):
     """Query blocks [lo, hi) that can keep a key in [k_start, k_start + bk)."""
-    lo, hi = 0, n_blocks
-    if spec.right is not None:
-        lo = lax.div(jnp.maximum(k_start - spec.right, 0), jnp.int32(bq))
-    if spec.left is not None:
-        hi = jnp.minimum(lax.div(k_start + (bk + spec.left + bq - 1), jnp.int32(bq)), n_blocks)
-    return lo, hi
+    return _block_range(k_start, bk, spec.right, spec.left, bq, n_blocks)
 
 
 def _split(refs, n_in, segments):

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcourse.diffusion.schedules import Schedule
-from jaxcourse.diffusion.task import diffusion_task
+from jaxcourse.diffusion.task import diffusion_task, init_key
 from jaxcourse.models.autoencoder import Autoencoder
 from jaxcourse.models.unet import UNet
+from jaxcourse.parallel import memory
 from jaxcourse.train import Task, make_optimizer, make_step
-from jaxcourse.train.state import TrainState
+from jaxcourse.train.loop import init_state
 
 
 def autoencoder_task(ae: Autoencoder, latent_penalty: float, latent_noise: float = 0.0) -> Task:
@@ -24,9 +25,7 @@ def autoencoder_task(ae: Autoencoder, latent_penalty: float, latent_noise: float
     of the VAE's sampling step in Rombach et al. 2022, with a fixed noise scale)."""
 
     def init(rng, batch):
-        # An "rbg" key compiles faster than threefry on CPU (see diffusion/task.py).
-        key = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
-        return ae.init(key, batch["image"][:1])["params"], {}
+        return ae.init(init_key(rng), batch["image"][:1])["params"], {}
 
     def loss(params, model_state, batch, rng, train):
         z = ae.apply({"params": params}, batch["image"], method=Autoencoder.encode)
@@ -65,14 +64,6 @@ def _timed(fn, args, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def _bytes(compiled) -> float:
-    """Buffer estimate of a compiled program: arguments + outputs + temporaries."""
-    m = compiled.memory_analysis()
-    if m is None:  # some backends do not report.
-        return float("nan")
-    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
-
-
 def cost_profile(model: UNet, sched: Schedule, cfg, sample_batch: int, repeats: int = 5) -> dict:
     """Measured train-step and one-denoising-step cost of `model` (random weights).
 
@@ -86,10 +77,9 @@ def cost_profile(model: UNet, sched: Schedule, cfg, sample_batch: int, repeats: 
     task = diffusion_task(model, sched, "eps", c.num_classes, 0.1)
     n = cfg.train.batch_size
     batch = {"image": jnp.zeros((n,) + shape), "label": jnp.zeros((n,), jnp.int32)}
-    params, _ = jax.jit(task.init)(jax.random.PRNGKey(0), batch)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       model_state={}, ema_params=None, rng=jax.random.PRNGKey(1))
+    state = jax.jit(init_state(task, tx, cfg, batch))(jax.random.PRNGKey(0))
+    params = state.params
     train_step = jax.jit(make_step(task, tx, cfg)).lower(state, batch).compile()
     x = jnp.zeros((sample_batch,) + shape)
     t = jnp.zeros((sample_batch,), jnp.int32)
@@ -101,6 +91,7 @@ def cost_profile(model: UNet, sched: Schedule, cfg, sample_batch: int, repeats: 
         "params": n_params,
         "train_ms": 1e3 * _timed(train_step, (state, batch), repeats),
         "sample_step_ms": 1e3 * _timed(denoise, (params, x, t, y), repeats),
-        "train_mb": _bytes(train_step) / 2 ** 20, "sample_mb": _bytes(denoise) / 2 ** 20,
+        "train_mb": memory.compiled_memory(train_step)["total"] / 2 ** 20,
+        "sample_mb": memory.compiled_memory(denoise)["total"] / 2 ** 20,
         "sample_gflops": float(denoise.cost_analysis().get("flops", float("nan"))) / 1e9,
     }

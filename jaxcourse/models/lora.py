@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcourse.errors import UserError
+from jaxcourse.parallel import memory
 from jaxcourse.train import Task, make_optimizer, make_step
 from jaxcourse.train.loop import init_state
 
@@ -170,12 +171,11 @@ def step_memory(task: Task, cfg, batch: dict) -> dict:
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     state = jax.eval_shape(init_state(task, tx, cfg, batch), jax.random.PRNGKey(0))
     compiled = jax.jit(make_step(task, tx, cfg), donate_argnums=0).lower(state, batch).compile()
-    mem = compiled.memory_analysis()
-    args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
-    peak = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp
-    opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
-    return {"trainable_params": count(state.params), "optimizer_state_MB": opt / 2**20,
-            "arguments_MB": args / 2**20, "temp_MB": temp / 2**20, "peak_MB": peak / 2**20}
+    mem = memory.compiled_memory(compiled)
+    return {"trainable_params": count(state.params),
+            "optimizer_state_MB": memory.bytes_per_device(state.opt_state) / 2**20,
+            "arguments_MB": mem["arguments"] / 2**20, "temp_MB": mem["temporaries"] / 2**20,
+            "peak_MB": mem["total"] / 2**20}
 
 
 def memory_rows(model_cfg, cfg: LoRAConfig, train_cfg, batch_size: int) -> list[dict]:

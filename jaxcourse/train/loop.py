@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from tqdm import tqdm
 
 from jaxcourse.errors import ConfigError, UserError
@@ -132,16 +133,8 @@ def _validate(cfg, has_eval: bool) -> None:
 
 def _flat_config(cfg) -> dict[str, str]:
     """{"optimizer.lr": "0.001", ...}: what a checkpoint remembers of the run's config."""
-    out = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if hasattr(value, "items"):
-                walk(value, f"{prefix}{key}.")
-            else:
-                out[f"{prefix}{key}"] = repr(value)
-    walk(cfg, "")
-    return out
+    flat = traverse_util.flatten_dict(cfg.to_dict(), sep=".")
+    return {key: repr(value) for key, value in flat.items()}
 
 
 def _warn_config_changes(saved: dict, now: dict) -> None:
