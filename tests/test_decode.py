@@ -36,8 +36,8 @@ def test_kv_cache_decode_matches_full_forward(kw):
     params = _params(cfg)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16), dtype=np.int32)
     full = jax.jit(lambda p, t: GPT(cfg).apply({"params": p}, t))(params, tokens)
-    prefill = jax.jit(functools.partial(decode.prefill, cfg), static_argnums=2)
-    step = jax.jit(functools.partial(decode.cached_step, cfg))
+    prefill = jax.jit(functools.partial(decode.prefill, GPT(cfg)), static_argnums=2)
+    step = jax.jit(functools.partial(decode.cached_step, GPT(cfg)))
     cache, last = prefill(params, tokens[:, :6], 0)
     got = [last]
     for t in range(6, 15):

@@ -131,6 +131,24 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     dot_general: object = None     # None: lax.dot_general; or e.g. bf16_dot_general.
 
+    slot_name = "attention"        # The block's mixer slot (models/registry.py).
+
+    @classmethod
+    def from_config(cls, cfg, options=None, *, name, causal=True, deterministic=True):
+        """Self-attention as the block's token mixer, sized by the model config."""
+        del options, deterministic
+        return cls(cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.d_model, impl=cfg.attention,
+                   causal=causal, window=cfg.window, rope=cfg.pos == "rope",
+                   rope_base=cfg.rope_base, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+                   dot_general=cfg.dot_general, name=name)
+
+    @classmethod
+    def init_cache(cls, cfg, options, batch_size: int, length: int, dtype) -> dict:
+        """An empty KV cache: {"k", "v": [B, length, K, D]} (the state grows with length)."""
+        del options
+        shape = (batch_size, length, cfg.kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
     def _proj(self, heads, names, name):
         return nn.DenseGeneral(
             (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype, name=name,

@@ -1,10 +1,13 @@
-"""Autoregressive decoding for `GPT`: KV-cache prefill + one-token steps, and sampling.
+"""Autoregressive decoding: prefill + one-token steps through the model's own decode state.
 
     tokens_BxN = generate(model, params, prompt_BxT, rng, max_new_tokens=100,
                           temperature=0.8, top_k=40, top_p=0.95)
 
-The whole loop is one compiled function: prefill the prompt into the cache, then a
-`lax.scan` of decode steps, each writing one token's keys/values and reading the cache.
+`model` is any Flax module with `max_length`, `init_cache(batch, length)` and
+`apply({"params": p}, tokens, cache=cache) -> (logits, cache)` (the GPT of transformer.py,
+whatever its mixers: each mixer owns its part of the cache, a KV cache for attention, a
+fixed-size state for recurrent mixers). The whole loop is one compiled function: prefill
+the prompt into the cache, then a `lax.scan` of decode steps.
 `use_cache=False` runs the same loop recomputing the full forward pass over the token
 buffer every step, the baseline the KV cache is measured against in chapter 3.
 Every sequence of the batch has the same prompt length (pad prompts on the left with real
@@ -20,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxcourse.errors import UserError
-from jaxcourse.models.transformer import GPT, GPTConfig, init_cache
 
 
 def sample_logits(logits_BxV, rng, *, temperature: float = 1.0, top_k: int = 0,
@@ -48,19 +50,22 @@ def sample_logits(logits_BxV, rng, *, temperature: float = 1.0, top_k: int = 0,
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def check_lengths(cfg: GPTConfig, prompt_len: int, max_new_tokens: int):
-    """Clear errors for prompts that cannot be continued within the model context."""
+def check_lengths(model, prompt_len: int, max_new_tokens: int):
+    """Clear errors for prompts that cannot be continued within the model context.
+
+    `model`: a model (its `max_length`), a config with `context`, or the length itself."""
+    context = getattr(model, "max_length", getattr(model, "context", model))
     if prompt_len < 1:
         raise UserError("the prompt must hold at least one token")
-    if prompt_len > cfg.context:
+    if prompt_len > context:
         raise UserError(f"prompt has length {prompt_len}, longer than the model context "
-                        f"{cfg.context}")
-    if max_new_tokens < 1 or prompt_len + max_new_tokens > cfg.context:
+                        f"{context}")
+    if max_new_tokens < 1 or prompt_len + max_new_tokens > context:
         raise UserError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} must "
-                        f"fit in the model context {cfg.context} (and max_new_tokens >= 1)")
+                        f"fit in the model context {context} (and max_new_tokens >= 1)")
 
 
-def generate(model: GPT, params, prompt_BxT, rng, *, max_new_tokens: int,
+def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int = -1,
              use_cache: bool = True):
     """Samples max_new_tokens continuations; returns the new tokens [B, max_new_tokens].
@@ -72,29 +77,29 @@ def generate(model: GPT, params, prompt_BxT, rng, *, max_new_tokens: int,
     prompt_BxT = jnp.asarray(prompt_BxT, jnp.int32)
     if prompt_BxT.ndim != 2:
         raise UserError(f"prompt must be [batch, length] token ids, got shape {prompt_BxT.shape}")
-    check_lengths(model.cfg, prompt_BxT.shape[1], max_new_tokens)
+    check_lengths(model, prompt_BxT.shape[1], max_new_tokens)
     if rng is None:
         if temperature != 0.0:
             raise UserError("sampling with temperature > 0 needs an rng key")
         rng = jax.random.key(0)  # Greedy decoding ignores it.
     sampling = (float(temperature), int(top_k), float(top_p), int(eos_id))
-    return _generate(model.cfg, sampling, max_new_tokens, use_cache, nn.meta.unbox(params),
+    return _generate(model, sampling, max_new_tokens, use_cache, nn.meta.unbox(params),
                      prompt_BxT, rng)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _generate(cfg, sampling, max_new_tokens, use_cache, params, prompt_BxT, rng):
+def _generate(model, sampling, max_new_tokens, use_cache, params, prompt_BxT, rng):
     temperature, top_k, top_p, eos_id = sampling
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k,
                                top_p=top_p)
     b, t = prompt_BxT.shape
     total = t + max_new_tokens
     if use_cache:
-        state, logits_BxV = prefill(cfg, params, prompt_BxT, total)
-        step_fn = functools.partial(cached_step, cfg, params)
+        state, logits_BxV = prefill(model, params, prompt_BxT, total)
+        step_fn = functools.partial(cached_step, model, params)
     else:
-        state, logits_BxV = _recompute_prefill(cfg, params, prompt_BxT, total)
-        step_fn = functools.partial(_recompute_step, cfg, params)
+        state, logits_BxV = _recompute_prefill(model, params, prompt_BxT, total)
+        step_fn = functools.partial(_recompute_step, model, params)
     keys = jax.random.split(rng, max_new_tokens)
     first_B = sample(logits_BxV, keys[0])
     done_B = first_B == eos_id
@@ -110,7 +115,7 @@ def _generate(cfg, sampling, max_new_tokens, use_cache, params, prompt_BxT, rng)
     return jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)
 
 
-def time_generate(model: GPT, params, batch: int, prompt_len: int, new_tokens: int,
+def time_generate(model: nn.Module, params, batch: int, prompt_len: int, new_tokens: int,
                   use_cache: bool, repeats: int = 3):
     """Best-of-`repeats` seconds of one compiled greedy `generate` call, and its tokens.
 
@@ -131,31 +136,31 @@ def time_generate(model: GPT, params, batch: int, prompt_len: int, new_tokens: i
     return min(times), out
 
 
-def prefill(cfg: GPTConfig, params, prompt_BxT, cache_len: int = 0):
+def prefill(model: nn.Module, params, prompt_BxT, cache_len: int = 0):
     """Runs the prompt through the model into a fresh cache; returns (cache, last logits)."""
-    cache = init_cache(cfg, prompt_BxT.shape[0], cache_len)
-    logits_BxTxV, cache = GPT(cfg).apply({"params": params}, prompt_BxT, cache=cache)
+    cache = model.init_cache(prompt_BxT.shape[0], cache_len)
+    logits_BxTxV, cache = model.apply({"params": params}, prompt_BxT, cache=cache)
     return cache, logits_BxTxV[:, -1]
 
 
-def cached_step(cfg: GPTConfig, params, cache, token_B):
+def cached_step(model: nn.Module, params, cache, token_B):
     """Appends one token per row to the cache; returns (cache, its next-token logits)."""
-    logits_Bx1xV, cache = GPT(cfg).apply({"params": params}, token_B[:, None], cache=cache)
+    logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], cache=cache)
     return cache, logits_Bx1xV[:, 0]
 
 
-def _recompute_prefill(cfg, params, prompt_BxT, total):
+def _recompute_prefill(model, params, prompt_BxT, total):
     # The state is a fixed-size token buffer and the fill level; causal attention makes the
     # zeros after the fill level irrelevant to the logits read at fill level - 1.
     b, t = prompt_BxT.shape
     buffer_BxN = jnp.zeros((b, total), jnp.int32).at[:, :t].set(prompt_BxT)
-    logits = GPT(cfg).apply({"params": params}, buffer_BxN)
+    logits = model.apply({"params": params}, buffer_BxN)
     return (buffer_BxN, jnp.int32(t)), logits[:, t - 1]
 
 
-def _recompute_step(cfg, params, state, token_B):
+def _recompute_step(model, params, state, token_B):
     buffer_BxN, filled = state
     buffer_BxN = jax.lax.dynamic_update_slice_in_dim(buffer_BxN, token_B[:, None], filled, 1)
-    logits_BxNxV = GPT(cfg).apply({"params": params}, buffer_BxN)
+    logits_BxNxV = model.apply({"params": params}, buffer_BxN)
     last_BxV = jax.lax.dynamic_index_in_dim(logits_BxNxV, filled, axis=1, keepdims=False)
     return (buffer_BxN, filled + 1), last_BxV

@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxcourse.models.transformer import Block
+from jaxcourse.models.block import Block
 from jaxcourse.train import Task
 
 

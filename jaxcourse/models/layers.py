@@ -206,6 +206,14 @@ class MLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     dot_general: object = None     # None: lax.dot_general; or e.g. bf16_dot_general.
 
+    slot_name = "mlp"              # The block's ffn slot (models/registry.py).
+
+    @classmethod
+    def from_config(cls, cfg, options=None, *, name, deterministic=True):
+        del options, deterministic
+        return cls(cfg.d_model, cfg.ff_dim, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+                   dot_general=cfg.dot_general, name=name)
+
     def _dense(self, features, names, name):
         return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype, name=name,
                         dot_general=self.dot_general,
@@ -222,3 +230,8 @@ class MLP(nn.Module):
             h_BxTxF = nn.gelu(h_BxTxF)
         h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
         return self._dense(self.d_model, ("mlp", "embed"), "down")(h_BxTxF)
+
+
+class SwiGLU(MLP):
+    """The gated MLP of LLaMA / PaLM (Shazeer 2020): silu(x W_gate) * (x W_up), then W_down."""
+    activation: str = "swiglu"

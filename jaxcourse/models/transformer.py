@@ -1,16 +1,19 @@
-"""Transformers: the config, blocks and the decoder-only GPT (encoders: encoder_decoder.py).
+"""Transformers: the config and the decoder-only GPT (blocks: block.py; encoders:
+encoder_decoder.py).
 
 One frozen dataclass, `GPTConfig`, holds every hyper-parameter; `gpt_config(cfg.model)`
-builds it from a config section (chapters 3, 4, 6 and 9 all go through it). Blocks are
-pre-LN (GPT-2, Xiong et al. 2020) or post-LN (the original Transformer), with RMSNorm or
-LayerNorm, RoPE / learned / sinusoidal positions, MHA / GQA / MQA and a sliding window.
+builds it from a config section (every chapter goes through it). Blocks are pre-LN (GPT-2,
+Xiong et al. 2020) or post-LN (the original Transformer), with RMSNorm or LayerNorm, RoPE /
+learned / sinusoidal positions; the token mixer (`mixer`, or a `layer_pattern` of mixers for
+hybrids) and the feed-forward (`ffn`) come from the registries of models/registry.py.
 
     model = GPT(GPTConfig(vocab_size=65, context=128))
     params = nn.meta.unbox(model.init(rng, tokens_BxT)["params"])
     logits_BxTxV = model.apply({"params": params}, tokens_BxT)
 
-Decoding with a KV cache lives in `jaxcourse.models.decode`; the model itself only knows
-how to extend a cache (`model.apply(..., tokens, cache=cache)` -> (logits, new cache)).
+Decoding lives in `jaxcourse.models.decode`; the model only knows how to make an empty
+decode state (`model.init_cache(batch, length)`: each mixer's own cache) and how to extend
+it (`model.apply(..., tokens, cache=cache)` -> (logits, new cache)).
 """
 from __future__ import annotations
 
@@ -25,14 +28,15 @@ import ml_collections
 import optax
 
 from jaxcourse.errors import UserError
-from jaxcourse.models.attention import ATTENTION_IMPLS, Attention
-from jaxcourse.models.layers import (MLP, NORM_IMPLS, NORMS, Embed, Norm, bf16_dot_general,
+from jaxcourse.models import registry
+from jaxcourse.models.attention import ATTENTION_IMPLS
+from jaxcourse.models.block import BOUNDARY, Stack, init_stack_cache
+from jaxcourse.models.layers import (NORM_IMPLS, NORMS, Embed, Norm, bf16_dot_general,
                                      partitioned, sinusoidal_table)
 from jaxcourse.train import Task
 
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BOUNDARY = ("batch", "length", "embed")  # Logical axes of activations between blocks.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,10 @@ class GPTConfig:
     n_kv_head: int = 0             # 0: = n_head (MHA); 1: MQA; in between: GQA.
     d_model: int = 128
     d_ff: int = 0                  # 0: 4 * d_model.
-    mlp: str = "gelu"              # gelu | swiglu
+    mixer: str = "attention"       # The token mixer of every block (models/registry.py).
+    layer_pattern: str = ""        # "attention,mamba,mamba": mixers repeated to n_layer
+                                   # (hybrids); "" = `mixer` in every layer.
+    ffn: str = "mlp"               # mlp (GELU) | swiglu (models/registry.py).
     dropout: float = 0.0
     norm: str = "rmsnorm"          # rmsnorm | layernorm
     norm_position: str = "pre"     # pre | post
@@ -61,14 +68,23 @@ class GPTConfig:
     bias: bool = False             # Biases in attention / MLP projections.
     remat: str = ""                # "": off; "full"; or a jax.checkpoint_policies name.
     scan_layers: bool = False      # nn.scan over layers: one compiled block, stacked params.
+    options: tuple = ()            # ((sublayer name, its Options), ...): `model.<name>.*`
+                                   # sections of sublayers with options of their own.
 
     def __post_init__(self):
+        registry.check("mixer", self.mixer, "model.mixer")
+        registry.check("ffn", self.ffn, "model.ffn")
+        for kind in self.pattern:
+            registry.check("mixer", kind, "model.layer_pattern entry")
+        if self.n_layer % len(self.pattern):
+            raise UserError(f"model.n_layer={self.n_layer} is not a multiple of the "
+                            f"{len(self.pattern)} entries of model.layer_pattern")
+        object.__setattr__(self, "options", _normalize_options(self.options))
         _check_choice("norm", self.norm, NORMS)
         _check_choice("norm_position", self.norm_position, ("pre", "post"))
         _check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         _check_choice("pos", self.pos, POSITIONS)
         _check_choice("attention", self.attention, ATTENTION_IMPLS)
-        _check_choice("mlp", self.mlp, ("gelu", "swiglu"))
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         _check_choice("matmul", self.matmul, ("", "bfloat16"))
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
@@ -87,6 +103,22 @@ class GPTConfig:
         if self.remat not in ("", "full") and not hasattr(jax.checkpoint_policies, self.remat):
             raise UserError(f"model.remat={self.remat!r} is neither '', 'full' nor a "
                             "jax.checkpoint_policies name")
+
+    @property
+    def pattern(self) -> tuple[str, ...]:
+        """The mixers of one repeat of the layer pattern."""
+        if not self.layer_pattern.strip():
+            return (self.mixer,)
+        return tuple(k.strip() for k in self.layer_pattern.split(","))
+
+    def options_for(self, kind: str, name: str):
+        """The options of sublayer `name` (config values, else its defaults; None if it
+        has no options)."""
+        for key, value in self.options:
+            if key == name:
+                return value
+        cls = registry.options_class(kind, name)
+        return None if cls is None else cls()
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +141,37 @@ class GPTConfig:
         return bf16_dot_general if self.matmul == "bfloat16" else None
 
 
+def _normalize_options(options) -> tuple:
+    """((name, Options instance), ...) from a mapping or pairs of name and dict/instance (a
+    config as read back from JSON)."""
+    pairs = options.items() if isinstance(options, dict) else options
+    out = []
+    for name, value in pairs:
+        cls = _options_class_of(name)
+        if cls is None:
+            raise UserError(f"model.{name} is not a sublayer with options")
+        if not isinstance(value, cls):
+            value = _build_options(cls, name, dict(value))
+        out.append((name, value))
+    return tuple(sorted(out, key=lambda kv: kv[0]))
+
+
+def _options_class_of(name: str):
+    for kind in ("mixer", "ffn"):
+        if name in registry.names(kind):
+            return registry.options_class(kind, name)
+    return None
+
+
+def _build_options(cls, name: str, values: dict):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+        raise UserError(f"unknown model.{name} keys: {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(sorted(fields))}")
+    return cls(**values)
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise UserError(f"model.{name}={value!r} is not one of {', '.join(choices)}")
@@ -116,7 +179,10 @@ def _check_choice(name, value, choices):
 
 def model_section(**overrides) -> ml_collections.ConfigDict:
     """A `cfg.model` config section holding every GPTConfig field (typed defaults)."""
-    section = dataclasses.asdict(GPTConfig())
+    section = {f.name: getattr(GPTConfig(), f.name) for f in dataclasses.fields(GPTConfig)
+               if f.name != "options"}
+    for name in _sublayers_with_options():  # model.<name>.* sections with their defaults
+        section[name] = dataclasses.asdict(_options_class_of(name)())
     unknown = set(overrides) - set(section)
     if unknown:
         raise UserError(f"unknown model keys: {', '.join(sorted(unknown))}")
@@ -128,120 +194,30 @@ def gpt_config(section: Any, **overrides) -> GPTConfig:
     """Builds a GPTConfig from a config section (ConfigDict or dict), naming unknown keys."""
     values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
     values.update(overrides)
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    options = dict(values.pop("options", ()))
+    for name in list(values):
+        if isinstance(values[name], dict) and _options_class_of(name) is not None:
+            options[name] = values.pop(name)
+    fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"options"}
     unknown = set(values) - fields
     if unknown:
         raise UserError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-    return GPTConfig(**values)
+    return GPTConfig(**values, options=tuple(options.items()))
 
 
-# ---------------------------------------------------------------------------------------
-# Blocks.
-
-class Block(nn.Module):
-    """One transformer layer: self-attention, optional cross-attention, MLP.
-
-    Called as (x, cache, positions, cache_index, valid, context, context_valid) -> (x, new
-    cache) so nn.scan can carry x and scan the per-layer cache. `valid` [B,T] and
-    `context_valid` [B,S] mark real tokens (padding is never attended to).
-    """
-    cfg: GPTConfig
-    causal: bool = True
-    cross: bool = False
-    deterministic: bool = True
-
-    def _norm(self, name):
-        c = self.cfg
-        return Norm(c.norm, c.norm_impl, use_bias=c.bias, dtype=c.compute_dtype, name=name)
-
-    def _attention(self, name, causal):
-        c = self.cfg
-        return Attention(c.n_head, c.kv_heads, c.head_dim, c.d_model, impl=c.attention,
-                         causal=causal, window=c.window, rope=c.pos == "rope",
-                         rope_base=c.rope_base, use_bias=c.bias, dtype=c.compute_dtype,
-                         dot_general=c.dot_general, name=name)
-
-    def _residual(self, x, sublayer, name):
-        """Pre-LN: x + f(norm(x)). Post-LN: norm(x + f(x))."""
-        drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
-        if self.cfg.norm_position == "pre":
-            out, aux = sublayer(self._norm(f"{name}_norm")(x))
-            return x + drop(out), aux
-        out, aux = sublayer(x)
-        return self._norm(f"{name}_norm")(x + drop(out)), aux
-
-    @nn.compact
-    def __call__(self, x_BxTxD, cache, positions_T, cache_index, valid, context,
-                 context_valid):
-        c = self.cfg
-        x_BxTxD = nn.with_logical_constraint(x_BxTxD, BOUNDARY)
-        attn = self._attention("attention", self.causal)
-        x_BxTxD, new_cache = self._residual(
-            x_BxTxD, lambda h: attn(h, positions_T, kv_valid=valid, cache=cache,
-                                         cache_index=cache_index),
-            "attention")
-        if self.cross:
-            cross = self._attention("cross_attention", False)
-            x_BxTxD, _ = self._residual(
-                x_BxTxD, lambda h: cross(h, positions_T, context_BxSxD=context,
-                                         kv_valid=context_valid), "cross_attention")
-        mlp = MLP(c.d_model, c.ff_dim, c.mlp, c.bias, c.compute_dtype, c.dot_general, name="mlp")
-        x_BxTxD, _ = self._residual(x_BxTxD, lambda h: (mlp(h), None), "mlp")
-        return nn.with_logical_constraint(x_BxTxD, BOUNDARY), new_cache
+def _sublayers_with_options() -> list[str]:
+    return [name for kind in ("mixer", "ffn") for name in registry.names(kind)
+            if registry.options_class(kind, name) is not None]
 
 
-def _remat_policy(name):
-    if name == "full":
-        return None  # jax.checkpoint's default: save nothing, recompute everything.
-    return getattr(jax.checkpoint_policies, name)
-
-
-class Stack(nn.Module):
-    """n_layer blocks, as a Python loop or an nn.scan, with optional remat per block.
-
-    The KV cache of the stack is {"k", "v"} with a leading layer axis [L, B, S, K, D].
-    """
-    cfg: GPTConfig
-    causal: bool = True
-    cross: bool = False
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x_BxTxD, positions_T, *, cache=None, cache_index=None, valid=None,
-                 context=None, context_valid=None):
-        c = self.cfg
-        block_cls = Block
-        if c.remat:
-            block_cls = nn.remat(Block, policy=_remat_policy(c.remat),
-                                 prevent_cse=not c.scan_layers)
-        kwargs = dict(cfg=c, causal=self.causal, cross=self.cross,
-                      deterministic=self.deterministic)
-        if c.scan_layers:
-            scanned = nn.scan(
-                block_cls, variable_axes={"params": 0, "intermediates": 0},
-                split_rngs={"params": True, "dropout": True}, length=c.n_layer,
-                in_axes=(0,) + (nn.broadcast,) * 5,
-                metadata_params={nn.PARTITION_NAME: "layers"})
-            return scanned(**kwargs, name="layers")(
-                x_BxTxD, cache, positions_T, cache_index, valid, context, context_valid)
-        new_caches = []
-        for i in range(c.n_layer):
-            layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-            x_BxTxD, layer_cache = block_cls(**kwargs, name=f"layer_{i}")(
-                x_BxTxD, layer_cache, positions_T, cache_index, valid, context, context_valid)
-            new_caches.append(layer_cache)
-        if cache is None:
-            return x_BxTxD, None
-        return x_BxTxD, jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
-
-
-def _check_length(cfg: GPTConfig, t: int, what: str):
+def check_length(cfg: GPTConfig, t: int, what: str):
     if t > cfg.context:
         raise UserError(f"{what} has length {t}, longer than the model context {cfg.context}")
 
 
-class _Positions(nn.Module):
-    """Additive position encodings: a learned table or the fixed sinusoids."""
+class Positions(nn.Module):
+    """Additive position encodings: a learned table or the fixed sinusoids (RoPE and "none"
+    add nothing here: RoPE rotates queries and keys inside attention)."""
     cfg: GPTConfig
 
     @nn.compact
@@ -259,40 +235,55 @@ class _Positions(nn.Module):
 class GPT(nn.Module):
     """Decoder-only language model (Radford et al. 2018/2019): tokens [B,T] -> logits [B,T,V].
 
-    With `cache` ({"k", "v": [L,B,S,K,D], "index": int32}) the tokens are appended at
-    cache["index"] and (logits, new cache) is returned: this one method serves prefill
-    (T = prompt length) and one-token decode steps alike.
+    `prefix_BxPxD` (optional) are embeddings placed before the tokens, e.g. projected image
+    patches of a vision-language model; the logits then cover all P + T positions.
+    With `cache` (from `init_cache`: {"layers": each mixer's state, "index": int32}) the
+    inputs are appended at cache["index"] and (logits, new cache) is returned: this one
+    method serves prefill (T = prompt length) and one-token decode steps alike.
     """
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT, *, train: bool = False, cache=None):
+    def __call__(self, tokens_BxT, *, train: bool = False, cache=None, prefix_BxPxD=None):
         c = self.cfg
-        _check_length(c, tokens_BxT.shape[1], "the input")
-        index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
-        positions_T = index + jnp.arange(tokens_BxT.shape[1])
         embed = Embed(c.vocab_size, c.d_model, c.compute_dtype, name="embed")
-        x_BxTxD = _Positions(c, name="positions")(embed(tokens_BxT), positions_T)
+        x_BxTxD = embed(tokens_BxT)
+        if prefix_BxPxD is not None:
+            x_BxTxD = jnp.concatenate([prefix_BxPxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
+        t = x_BxTxD.shape[1]
+        check_length(c, t, "the input")
+        index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+        positions_T = index + jnp.arange(t)
+        x_BxTxD = Positions(c, name="positions")(x_BxTxD, positions_T)
         x_BxTxD = nn.Dropout(c.dropout, deterministic=not train)(x_BxTxD)
-        layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        x_BxTxD, layer_cache = Stack(c, deterministic=not train, name="blocks")(
-            x_BxTxD, positions_T, cache=layer_cache, cache_index=index)
-        logits_BxTxV = _head(c, embed, x_BxTxD, "lm_head")
+        x_BxTxD, layers = Stack(c, deterministic=not train, name="blocks")(
+            x_BxTxD, positions_T, cache=None if cache is None else cache["layers"],
+            cache_index=index)
+        logits_BxTxV = output_head(c, embed, x_BxTxD, "lm_head")
         if cache is None:
             return logits_BxTxV
-        return logits_BxTxV, {**layer_cache, "index": index + tokens_BxT.shape[1]}
+        return logits_BxTxV, {"layers": layers, "index": index + t}
+
+    @nn.nowrap
+    def init_cache(self, batch_size: int, length: int = 0, dtype=None) -> dict:
+        return init_cache(self.cfg, batch_size, length, dtype)
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence (prompt + new tokens) the model decodes."""
+        return self.cfg.context
 
 
-def _final_norm(c: GPTConfig, x_BxTxD):
+def final_norm(c: GPTConfig, x_BxTxD):
     if c.norm_position == "post":
         return x_BxTxD
     return Norm(c.norm, c.norm_impl, use_bias=c.bias, dtype=c.compute_dtype,
                 name="final_norm")(x_BxTxD)
 
 
-def _head(c: GPTConfig, embed: Embed, x_BxTxD, name):
+def output_head(c: GPTConfig, embed: Embed, x_BxTxD, name):
     """Final norm (pre-LN only: post-LN blocks end normalized) and the vocab projection."""
-    x_BxTxD = _final_norm(c, x_BxTxD)
+    x_BxTxD = final_norm(c, x_BxTxD)
     if c.tie_embeddings:
         logits = embed.attend(x_BxTxD)
     else:
@@ -304,13 +295,13 @@ def _head(c: GPTConfig, embed: Embed, x_BxTxD, name):
 
 
 def init_cache(cfg: GPTConfig, batch_size: int, length: int = 0, dtype=None) -> dict:
-    """An empty KV cache for `length` positions (default: the whole context)."""
+    """An empty decode state for `length` positions (default: the whole context): every
+    mixer's own cache (attention: K/V of `length` positions; recurrent mixers: a fixed-size
+    state) and the fill level."""
     length = length or cfg.context
-    _check_length(cfg, length, "the KV cache")
-    shape = (cfg.n_layer, batch_size, length, cfg.kv_heads, cfg.head_dim)
-    dtype = dtype or cfg.compute_dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "index": jnp.zeros((), jnp.int32)}
+    check_length(cfg, length, "the KV cache")
+    layers = init_stack_cache(cfg, batch_size, length, dtype or cfg.compute_dtype)
+    return {"layers": layers, "index": jnp.zeros((), jnp.int32)}
 
 
 def lm_loss(logits_BxTxV, targets_BxT, mask_BxT=None):

@@ -32,7 +32,7 @@ def gpt_forward_flops_per_token(cfg, seq_len: int) -> dict[str, float]:
     d, hd, h, k = cfg.d_model, cfg.head_dim, cfg.n_head, cfg.kv_heads
     proj = 2 * d * h * hd + 2 * 2 * d * k * hd + 2 * h * hd * d
     attention = 2 * 2 * seq_len * h * hd
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * 2 * d * cfg.ff_dim
+    mlp = (3 if cfg.ffn == "swiglu" else 2) * 2 * d * cfg.ff_dim
     return {"projections": cfg.n_layer * proj, "attention": cfg.n_layer * attention,
             "mlp": cfg.n_layer * mlp, "head": 2 * d * cfg.vocab_size}
 

@@ -193,8 +193,11 @@ class ScanStackPipeline:
             raise UserError("pipeline parallelism is for training; decode without it")
         s_n = self.mesh.shape[AXIS]
         layers = module.cfg.n_layer
-        if layers % s_n:
-            raise UserError(f"n_layer={layers} cannot be split into {s_n} pipeline stages")
+        group = len(getattr(module.cfg, "pattern", ())) or 1  # layers per scanned repeat
+        if (layers // group) % s_n:
+            repeats = f" ({layers // group} repeats of the layer pattern)" if group > 1 else ""
+            raise UserError(f"n_layer={layers}{repeats} cannot be split into {s_n} pipeline "
+                            "stages")
         stage_module = module.clone(parent=None,
                                     cfg=dataclasses.replace(module.cfg, n_layer=layers // s_n))
         params = stage_stack(module.variables["params"][self.scan_name], s_n)
