@@ -36,6 +36,7 @@ MIXERS: dict[str, str | type] = {
 FFNS: dict[str, str | type] = {
     "mlp": "jaxcourse.models.layers:MLP",
     "swiglu": "jaxcourse.models.layers:SwiGLU",
+    "moe": "jaxcourse.models.moe:MoE",
 }
 _TABLES = {"mixer": MIXERS, "ffn": FFNS}
 
