@@ -121,9 +121,9 @@ def derive(cfg: ml_collections.ConfigDict, changes: Mapping[str, Any]) -> ml_col
     """A copy of `cfg` with `changes` applied, the one way to make a variant of a config.
 
     Keys are dotted paths as on the command line (`{"train.steps": 5, "model.window": 16}`);
-    a value replaces the key's value (a dict or ConfigDict replaces a whole section), None
-    removes the key (`{"mesh": None}`: run unsharded). Unknown keys and wrong types raise
-    ConfigError naming the key; `cfg` itself is not changed.
+    a value replaces the key's value, a dict or ConfigDict replaces (or adds) a whole section,
+    None removes the key (`{"mesh": None}`: run unsharded). Unknown keys and wrong types
+    raise ConfigError naming the key; `cfg` itself is not changed.
     """
     out = cfg.copy_and_resolve_references()
     for key, value in changes.items():
@@ -133,15 +133,17 @@ def derive(cfg: ml_collections.ConfigDict, changes: Mapping[str, Any]) -> ml_col
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 raise ConfigError(f"unknown config key: {'.'.join(parents[:i + 1])}")
             node = node[part]
-        if leaf not in node and value is not None:
+        section = isinstance(value, (Mapping, ml_collections.ConfigDict))
+        if leaf not in node and not (section or value is None):
             raise ConfigError(f"unknown config key: {key}")
         with node.unlocked():
             if value is None:
                 if leaf in node:
                     del node[leaf]
                 continue
-            if isinstance(value, Mapping) and not isinstance(value, ml_collections.ConfigDict):
-                value = ml_collections.ConfigDict(value)
+            if section:  # a copy: the derived config shares nothing with its sources
+                plain = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+                value = ml_collections.ConfigDict(plain)
             try:
                 node[leaf] = value
             except TypeError as e:
