@@ -2,11 +2,11 @@
 
 python -m jaxcourse.ch3 --config=configs/ch3_decode.py:cpu
 """
-from jaxcourse.ch3 import lm_base_config
+from jaxcourse.lm.configs import char_gpt_config
 
 
 def get_config(preset: str = "cpu"):
-    cfg = lm_base_config(preset)
+    cfg = char_gpt_config(preset)
     cfg.experiment = "decode"
     cfg.model.update(context=512, vocab_size=96)
     cfg.decode.update(prompt_len=16, new_tokens=(32, 128, 256), repeats=5)

@@ -3,11 +3,11 @@
 python -m jaxcourse.ch3 --config=configs/ch3_gpt.py:cpu
 Any text file: python -m jaxcourse.ch3 --config.data.path=../shared/data/tinyshakespeare.txt
 """
-from jaxcourse.ch3 import lm_base_config
+from jaxcourse.lm.configs import char_gpt_config
 
 
 def get_config(preset: str = "cpu"):
-    cfg = lm_base_config(preset)
+    cfg = char_gpt_config(preset)
     cfg.experiment = "train"
     if preset == "cpu":
         cfg.decode.new_tokens = (16, 32, 56)

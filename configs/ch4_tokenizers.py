@@ -2,7 +2,7 @@
 
 python -m jaxcourse.ch4 --config=configs/ch4_tokenizers.py:cpu --config.data.path=../shared/data/tinyshakespeare.txt
 """
-from jaxcourse.ch4 import pretrain_config
+from jaxcourse.lm.configs import pretrain_config
 
 
 def get_config(preset: str = "cpu"):

@@ -5,7 +5,7 @@ Presets: smoke (seconds), cpu (sums of digits 0..4; 2x64 GPT, 400 SFT steps on a
 teacher, 60 GRPO steps of 16 prompts x 8 completions), gpu (digits 0..9, more steps). summary.json holds
 reward_before / reward_after (mean exact-answer reward, sampling at temperature 1).
 """
-from jaxcourse.ch6 import grpo_config
+from jaxcourse.rl.configs import grpo_config
 
 
 def get_config(preset: str = "cpu"):

@@ -6,7 +6,7 @@ Presets: smoke (seconds), cpu (purejaxrl's CartPole setting: 5e5 steps, 4 envs x
 --config.ppo.env_name=Acrobot-v1; the KL-penalty variant: --config.ppo.objective=kl
 --config.ppo.kl_coef=1.0 --config.ppo.kl_target=0.01.
 """
-from jaxcourse.ch6 import ppo_config
+from jaxcourse.rl.configs import ppo_config
 
 
 def get_config(preset: str = "cpu"):

@@ -6,8 +6,14 @@ the shared loop on (right sum, wrong sum) pairs; PPO-LM (value model, GAE over t
 penalty to the SFT policy) optimizes its score; GRPO optimizes the rule reward with the same
 samples per step. Both are judged by the rule reward. Presets: smoke, cpu, gpu.
 """
-from jaxcourse.ch6 import rlhf_config
+from jaxcourse.rl.configs import grpo_config
 
 
 def get_config(preset: str = "cpu"):
-    return rlhf_config(preset)
+    cfg = grpo_config(preset)
+    cfg.experiment = "rlhf"
+    cfg.rlhf = {"rm_steps": 300, "rm_eval_batches": 4, "ppo_steps": cfg.grpo.steps,
+                "vf_coef": 0.5, "gae_lambda": 0.95}
+    if preset == "smoke":
+        cfg.rlhf.update(rm_steps=10, rm_eval_batches=1)
+    return cfg

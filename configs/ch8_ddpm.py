@@ -10,7 +10,7 @@ python -m jaxcourse.ch8 --config=configs/ch8_ddpm.py:gpu --config.data.path=/dat
 Sample from a trained model (same config):
 python -m jaxcourse.ch8 --config.experiment=sample --config.sample.checkpoint=runs/ch8/ddpm-cpu/model
 """
-from jaxcourse.ch8 import diffusion_config
+from jaxcourse.diffusion.configs import diffusion_config
 
 
 def get_config(preset: str = "cpu"):

@@ -5,7 +5,7 @@ python -m jaxcourse.ch8 --config=configs/ch8_latent.py:smoke
 Writes quality.md (judge accuracy / Fréchet distance of decoded samples) and latent_vs_pixel.md
 (train-step and denoising-step time and memory of the latent U-Net and the pixel U-Net).
 """
-from jaxcourse.ch8 import diffusion_config
+from jaxcourse.diffusion.configs import diffusion_config
 
 
 def get_config(preset: str = "cpu"):

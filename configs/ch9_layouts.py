@@ -6,8 +6,8 @@ devices), gpu (12x768 GPT, context 1024, 8 GPUs). Writes layouts.md: loss differ
 device, per-device parameter + optimizer bytes, step time and tokens/s per layout.
 --config.parallel.layouts picks the layouts.
 """
-from jaxcourse.ch9 import chapter_config
+from jaxcourse.parallel.configs import mesh_gpt_config
 
 
 def get_config(preset: str = "cpu"):
-    return chapter_config(preset, "layouts")
+    return mesh_gpt_config(preset, "layouts")

@@ -5,8 +5,8 @@ Multi-host stand-in: python tpu_gpu_launch/local.py --processes 2 --devices-per-
     python -m jaxcourse.ch9 --config=configs/ch9_train.py:smoke
 Presets as in ch9_layouts.py; summary.json holds the per-step losses.
 """
-from jaxcourse.ch9 import chapter_config
+from jaxcourse.parallel.configs import mesh_gpt_config
 
 
 def get_config(preset: str = "cpu"):
-    return chapter_config(preset, "train")
+    return mesh_gpt_config(preset, "train")

@@ -11,7 +11,6 @@ any text (default: the embedded stdlib corpus; `--config.data.path=FILE` for you
 sampled with a KV cache, its attention maps drawn, and four controlled comparisons. Every
 experiment writes summary.json, a results.md table and its PNGs to the workdir.
 """
-import dataclasses
 import json
 import math
 import pathlib
@@ -25,77 +24,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxcourse import cli, config  # noqa: E402
-from jaxcourse.data import pipeline, sources  # noqa: E402
-from jaxcourse.data.tokenizers import CharTokenizer  # noqa: E402
+from jaxcourse import cli, config, lm  # noqa: E402
+from jaxcourse.data import pipeline  # noqa: E402
 from jaxcourse.errors import UserError  # noqa: E402
+from jaxcourse.lm import Corpus, count_params, eval_windows, lm_task  # noqa: E402
 from jaxcourse.models import decode  # noqa: E402
-from jaxcourse.models.transformer import (GPT, attention_maps, gpt_config,  # noqa: E402
-                                          lm_task, model_section)
+from jaxcourse.models.transformer import GPT, attention_maps, gpt_config  # noqa: E402
 from jaxcourse.report import markdown_table, write_results  # noqa: E402
 from jaxcourse.train import TrainingDiverged, train  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------
-# Config shared by every configs/ch3_*.py file.
-
-def lm_base_config(preset: str):
-    """Defaults and smoke / cpu / gpu presets of a chapter-3 character language model."""
-    cfg = config.base_config()
-    cfg.data.name = "stdlib"
-    cfg.model = model_section(vocab_size=0, context=64, n_layer=4, n_head=4, d_model=128,
-                              attention="xla")  # vocab_size 0: from the tokenizer
-    cfg.lm = {"max_chars": 0, "val_fraction": 0.1, "eval_tokens": 16384,
-              "eval_batch_size": 64, "prompt": "", "sample_tokens": 200, "temperature": 0.8,
-              "top_k": 0, "top_p": 0.95, "attention_len": 48, "position_windows": 1024}
-    cfg.decode = {"batch_size": 1, "prompt_len": 8, "new_tokens": (32,), "repeats": 3}
-    t, o = cfg.train, cfg.optimizer
-    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 1500, 16, 250, 50, 10
-    o.name, o.lr, o.schedule, o.warmup_steps = "adamw", 2e-3, "warmup_cosine", 100
-    o.weight_decay, o.b2, o.clip_norm = 0.1, 0.99, 1.0
-    if preset == "smoke":
-        cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
-        cfg.lm.update(max_chars=50_000, eval_tokens=512, sample_tokens=8, attention_len=12,
-                      position_windows=16)
-        cfg.decode.update(prompt_len=4, new_tokens=(8,), repeats=1)
-        t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 20, 8, 10, 10, 10
-        o.warmup_steps = 5
-    elif preset == "gpu":
-        cfg.model.update(context=256, n_layer=6, n_head=6, d_model=384, dropout=0.1,
-                         dtype="bfloat16")
-        cfg.lm.update(eval_tokens=262_144, eval_batch_size=128, sample_tokens=500)
-        cfg.decode.update(batch_size=8, new_tokens=(64, 128, 240), repeats=5)
-        t.steps, t.batch_size, t.eval_every, t.steps_per_call = 5000, 64, 500, 50
-        t.precision = "bfloat16"
-        o.lr, o.warmup_steps = 1e-3, 200
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------
-# Data and training.
-
-@dataclasses.dataclass
-class Corpus:
-    tokenizer: CharTokenizer
-    train: np.ndarray  # int32 token ids
-    val: np.ndarray
-
+# Data and training (configs: jaxcourse.lm.configs.char_gpt_config).
 
 def load_corpus(cfg) -> Corpus:
-    """Character tokens of the configured text; the last val_fraction is held out."""
-    text = sources.load_text(cfg.data)[:cfg.lm.max_chars or None]
-    tok = CharTokenizer.from_text(text)
-    ids = np.asarray(tok.encode(text), np.int32)
-    n_val = int(len(ids) * cfg.lm.val_fraction)
-    return Corpus(tok, ids[:-n_val], ids[-n_val:])
-
-
-def eval_windows(tokens: np.ndarray, context: int, max_tokens: int, batch_size: int):
-    """Non-overlapping windows from the start of `tokens`, so every model sees the same text."""
-    n = min((len(tokens) - 1) // context, max(1, max_tokens // context))
-    starts = np.arange(n) * context
-    chunk = tokens[starts[:, None] + np.arange(context + 1)]
-    return pipeline.eval_batches({"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}, batch_size)
+    """Character tokens of the configured text; the last lm.val_fraction is held out."""
+    return lm.load_corpus(cfg.data, max_chars=cfg.lm.max_chars,
+                          val_fraction=cfg.lm.val_fraction, context=cfg.model.context)
 
 
 def fit(cfg, workdir: pathlib.Path, corpus: Corpus, **model_overrides):
@@ -138,25 +83,11 @@ def loss_by_position(model_cfg, params, corpus: Corpus, cfg) -> np.ndarray:
 # Decoding, sampling, timing.
 
 def sample_text(model_cfg, params, corpus: Corpus, cfg, seed: int = 0) -> str:
-    """cfg.lm.sample_tokens characters after the prompt (default: 8 validation characters).
-
-    Past the context, the last half context of text becomes the next prompt (nanoGPT's
-    crop), so a long sample reuses the same two or three compiled decode loops.
-    """
-    s, context = cfg.lm, model_cfg.context
+    """cfg.lm.sample_tokens characters after the prompt (default: 8 validation characters)."""
+    s = cfg.lm
     prompt = s.prompt or corpus.tokenizer.decode(corpus.val[:8])
-    ids = corpus.tokenizer.encode(prompt)
-    ids = ids if len(ids) < context else ids[-(context // 2):]
-    out, rng = [], jax.random.key(seed)
-    while len(out) < s.sample_tokens:
-        window = (ids + out)[-(context // 2):] if out else ids
-        n = min(s.sample_tokens - len(out), context - len(window))
-        rng, key = jax.random.split(rng)
-        new = decode.generate(GPT(model_cfg), params, jnp.asarray([window], jnp.int32), key,
-                              max_new_tokens=n, temperature=s.temperature, top_k=s.top_k,
-                              top_p=s.top_p)
-        out += np.asarray(new[0]).tolist()
-    return prompt + corpus.tokenizer.decode(out)
+    return lm.sample_text(model_cfg, params, corpus.tokenizer, prompt, s.sample_tokens,
+                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=seed)
 
 
 def decode_speed_rows(model_cfg, params, cfg) -> list[dict]:
@@ -222,19 +153,6 @@ def plot_lines(curves: dict[str, tuple], path: pathlib.Path, **axes_settings):
     plt.close(fig)
 
 
-def variant(cfg, **train_overrides):
-    """A copy of the (locked) config with some train / optimizer keys changed."""
-    v = cfg.copy_and_resolve_references()
-    for key, value in train_overrides.items():
-        section, _, leaf = key.partition("__")
-        v[section][leaf] = value
-    return v
-
-
-def n_params(params) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
-
-
 # ---------------------------------------------------------------------------------------
 # Experiments.
 
@@ -249,7 +167,7 @@ def run_train(cfg, workdir: pathlib.Path) -> dict:
     maps = attention_maps(mcfg, params, jnp.asarray(ids)[None])[:, 0]
     plot_attention(np.asarray(maps), corpus.tokenizer.decode(ids), workdir / "attention.png")
     speed = decode_speed_rows(mcfg, params, cfg)
-    model_row = {"params": n_params(params), "vocab": mcfg.vocab_size, "context": mcfg.context,
+    model_row = {"params": count_params(params), "vocab": mcfg.vocab_size, "context": mcfg.context,
                  "steps": metrics["steps"], "train_loss": metrics.get("train/loss", math.nan),
                  "val_loss": metrics["eval/loss"], "val_ppl": metrics["eval/perplexity"],
                  "bits_per_char": metrics["eval/bits_per_char"],
@@ -274,7 +192,7 @@ def run_context(cfg, workdir: pathlib.Path) -> dict:
     rows, curves = [], {}
     for context in cfg.sweep.contexts:
         batch = max(1, cfg.sweep.tokens_per_step // context)
-        v = variant(cfg, train__batch_size=batch)
+        v = config.derive(cfg, {"train.batch_size": batch})
         state, m, mcfg = fit(v, workdir / f"context_{context}", corpus, context=context)
         by_pos = loss_by_position(mcfg, state.params, corpus, v)
         curves[f"context {context}"] = (np.arange(1, context + 1), np.exp(by_pos))
@@ -295,8 +213,9 @@ def run_norm(cfg, workdir: pathlib.Path) -> dict:
     rows, losses, grads = [], {}, {}
     for name in cfg.sweep.variants:
         position, _, warm = name.partition("_")
-        v = variant(cfg, optimizer__warmup_steps=cfg.sweep.warmup_steps if warm else 0,
-                    optimizer__schedule="warmup_cosine" if warm else cfg.optimizer.schedule)
+        v = config.derive(cfg, {
+            "optimizer.warmup_steps": cfg.sweep.warmup_steps if warm else 0,
+            "optimizer.schedule": "warmup_cosine" if warm else cfg.optimizer.schedule})
         vdir = workdir / name
         try:
             _, m, _ = fit(v, vdir, corpus, norm_position=position)
@@ -362,7 +281,7 @@ def run_decode(cfg, workdir: pathlib.Path) -> dict:
                ylabel="tokens / second")
     d = cfg.decode
     write_results(workdir, "KV-cache decode vs recompute", [
-        (f"{n_params(params)} params, {mcfg.n_layer} layers x {mcfg.d_model}, batch "
+        (f"{count_params(params)} params, {mcfg.n_layer} layers x {mcfg.d_model}, batch "
          f"{d.batch_size}, prompt {d.prompt_len}, {jax.devices()[0].platform}",
          markdown_table(rows, list(rows[0])))])
     return {f"{r['new_tokens']}/{k}": v for r in rows for k, v in r.items()

@@ -20,13 +20,12 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxcourse import cli, config
 from jaxcourse.errors import UserError
-from jaxcourse.models.transformer import gpt_config, lm_task, model_section
+from jaxcourse.lm import lm_task
+from jaxcourse.models.transformer import gpt_config
 from jaxcourse.rl import grpo, lm_ppo, lm_tasks, plots, reward_model
 from jaxcourse.rl.grpo import GRPOConfig
 from jaxcourse.rl.gym_adapter import train_gymnasium
@@ -38,82 +37,7 @@ COEF_KEYS = ("clip_eps", "ent_coef", "vf_coef", "kl_coef")
 
 
 # ---------------------------------------------------------------------------------------
-# Configs.
-
-def ppo_config(preset: str) -> ml_collections.ConfigDict:
-    """purejaxrl's CartPole-v1 setting, trained for `num_seeds` seeds at once."""
-    cfg = config.base_config()
-    cfg.experiment = "ppo"
-    cfg.data.name = "gymnax"
-    fields = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
-    cfg.ppo = {**fields, "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "kl_coef": 0.0,
-               "num_seeds": 8}
-    o = cfg.optimizer
-    o.name, o.lr, o.schedule, o.min_lr_ratio, o.clip_norm = "adam", 2.5e-4, "linear", 0.0, 0.5
-    cfg.checkpoint.every = 244  # updates per compiled chunk (976 updates = 4 chunks)
-    cfg.checkpoint.keep = 2
-    if preset == "smoke":
-        cfg.ppo.update(num_envs=4, num_steps=32, total_timesteps=4 * 32 * 6, update_epochs=2,
-                       num_minibatches=2, hidden=32, num_seeds=2)
-        cfg.checkpoint.every = 3
-    elif preset == "gpu":
-        cfg.ppo.update(num_seeds=256)
-    return cfg
-
-
-def stress_config(preset: str) -> ml_collections.ConfigDict:
-    cfg = ppo_config(preset)
-    cfg.experiment = "stress"
-    cfg.ppo.num_seeds = 2
-    cfg.stress = {"ent_coef": (0.0, 0.01, 0.1), "clip_eps": (0.02, 0.2, 1000.0),
-                  "kl_coef": (0.0, 3.0)}
-    cfg.ppo.total_timesteps = 250_000
-    cfg.checkpoint.every = 0
-    if preset == "smoke":
-        cfg.stress = {"ent_coef": (0.0, 0.1), "clip_eps": (0.2,), "kl_coef": (0.0, 1.0)}
-        cfg.ppo.update(total_timesteps=4 * 32 * 3, num_seeds=1)
-    elif preset == "gpu":
-        cfg.ppo.update(total_timesteps=500_000, num_seeds=8)
-    return cfg
-
-
-def gymnasium_config(preset: str) -> ml_collections.ConfigDict:
-    cfg = ppo_config(preset)
-    cfg.experiment = "gymnasium"
-    cfg.data.name = "gymnasium"
-    cfg.ppo.update(num_seeds=1, total_timesteps=150_000)
-    if preset == "smoke":
-        cfg.ppo.update(total_timesteps=4 * 32 * 2)
-    elif preset == "gpu":
-        cfg.ppo.update(total_timesteps=500_000)
-    return cfg
-
-
-def grpo_config(preset: str) -> ml_collections.ConfigDict:
-    """Noisy-teacher SFT of a tiny GPT with the shared loop, then GRPO on the exact reward."""
-    cfg = config.base_config()
-    cfg.experiment = "grpo"
-    cfg.data.name = "addition"
-    cfg.model = model_section(vocab_size=len(lm_tasks.VOCAB), context=8, n_layer=2, n_head=4,
-                              d_model=64, pos="learned", norm="layernorm")
-    cfg.task = {"p_correct": 0.3, "max_digit": 4}  # 25 prompts "a+b=" with a, b in 0..4
-    fields = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
-    cfg.grpo = {**fields, "steps": 60, "eval_samples": 8, "log_every": 5}
-    t, o = cfg.train, cfg.optimizer  # the SFT phase (shared loop)
-    t.steps, t.batch_size, t.eval_every, t.log_every, t.steps_per_call = 400, 64, 0, 100, 50
-    o.name, o.lr, o.schedule, o.warmup_steps, o.clip_norm = "adamw", 3e-3, "warmup_cosine", 20, 1.0
-    cfg.rl_optimizer = ml_collections.ConfigDict(o.to_dict())
-    cfg.rl_optimizer.update(lr=1e-3, schedule="constant", warmup_steps=0)
-    if preset == "smoke":
-        cfg.model.update(n_layer=1, n_head=2, d_model=32)
-        t.steps, t.batch_size, t.steps_per_call = 20, 16, 10
-        cfg.grpo.update(steps=3, prompts_per_step=4, group_size=4, eval_samples=2, log_every=1)
-    elif preset == "gpu":  # all 100 sums of two digits
-        cfg.task.max_digit = 9
-        t.steps = 3000
-        cfg.grpo.update(steps=200, prompts_per_step=64, group_size=16)
-    return cfg
-
+# Config sections (configs: jaxcourse.rl.configs and configs/ch6_*.py).
 
 def ppo_parts(cfg):
     """(PPOConfig, Coefs) from the `ppo` section; bad values raise one-line UserErrors."""
@@ -253,20 +177,9 @@ def run_grpo(cfg, workdir: pathlib.Path) -> dict:
             "final_response_length": last["response_length"]}
 
 
-def rlhf_config(preset: str) -> ml_collections.ConfigDict:
-    cfg = grpo_config(preset)
-    cfg.experiment = "rlhf"
-    cfg.rlhf = {"rm_steps": 300, "rm_eval_batches": 4, "ppo_steps": cfg.grpo.steps,
-                "vf_coef": 0.5, "gae_lambda": 0.95}
-    if preset == "smoke":
-        cfg.rlhf.update(rm_steps=10, rm_eval_batches=1)
-    return cfg
-
-
 def _reward_model(cfg, model_cfg, task, workdir: pathlib.Path):
     """Bradley-Terry reward model trained with the shared loop; (params, held-out accuracy)."""
-    rm_cfg = ml_collections.ConfigDict(cfg.to_dict())
-    rm_cfg.train.steps = cfg.rlhf.rm_steps
+    rm_cfg = config.derive(cfg, {"train.steps": cfg.rlhf.rm_steps})
     data = reward_model.PreferenceData(task, cfg.train.batch_size, cfg.train.seed + 10)
     state, _ = train(reward_model.reward_model_task(model_cfg), rm_cfg, workdir / "reward_model",
                      data)

@@ -7,6 +7,8 @@ file's values: an unknown key or a wrong type raises `ConfigError` naming the ke
 import ast
 import importlib.util
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -113,6 +115,40 @@ def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
             f"config key {key} expects {type(current).__name__}, got {text!r}") from e
     with node.unlocked():
         node[leaf] = value
+
+
+def derive(cfg: ml_collections.ConfigDict, changes: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with `changes` applied, the one way to make a variant of a config.
+
+    Keys are dotted paths as on the command line (`{"train.steps": 5, "model.window": 16}`);
+    a value replaces the key's value, a dict or ConfigDict replaces (or adds) a whole section,
+    None removes the key (`{"mesh": None}`: run unsharded). Unknown keys and wrong types
+    raise ConfigError naming the key; `cfg` itself is not changed.
+    """
+    out = cfg.copy_and_resolve_references()
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for i, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigError(f"unknown config key: {'.'.join(parents[:i + 1])}")
+            node = node[part]
+        section = isinstance(value, (Mapping, ml_collections.ConfigDict))
+        if leaf not in node and not (section or value is None):
+            raise ConfigError(f"unknown config key: {key}")
+        with node.unlocked():
+            if value is None:
+                if leaf in node:
+                    del node[leaf]
+                continue
+            if section:  # a copy: the derived config shares nothing with its sources
+                plain = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+                value = ml_collections.ConfigDict(plain)
+            try:
+                node[leaf] = value
+            except TypeError as e:
+                raise ConfigError(f"config key {key}: {e}") from None
+    return out
 
 
 def experiments(chapter: str) -> list[tuple[str, str]]:

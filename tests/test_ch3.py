@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from jaxcourse import ch3, config
+from jaxcourse.lm import eval_windows
+from jaxcourse.lm.configs import char_gpt_config
 
 
 def _run(tmp_path, name, *overrides):
@@ -22,7 +24,7 @@ def test_train_experiment_writes_metrics_figures_and_sample(tmp_path):
     assert m["eval/loss"] < math.log(m["vocab_size"])
     for name in ("attention.png", "curves.png", "results.md", "sample.txt"):
         assert (workdir / name).stat().st_size > 0, name
-    corpus = ch3.load_corpus(ch3.lm_base_config("smoke"))
+    corpus = ch3.load_corpus(char_gpt_config("smoke"))
     prompt = corpus.tokenizer.decode(corpus.val[:8])  # the default prompt: validation text
     assert (workdir / "sample.txt").read_text().startswith(prompt)
 
@@ -45,19 +47,19 @@ def test_context_experiment_table(tmp_path):
 
 def test_eval_windows_are_contiguous_and_shared():
     tokens = np.arange(20, dtype=np.int32)
-    (batch,) = ch3.eval_windows(tokens, context=4, max_tokens=8, batch_size=16)
+    (batch,) = eval_windows(tokens, context=4, max_tokens=8, batch_size=16)
     np.testing.assert_array_equal(batch["inputs"], [[0, 1, 2, 3], [4, 5, 6, 7]])
     np.testing.assert_array_equal(batch["targets"], [[1, 2, 3, 4], [5, 6, 7, 8]])
 
 
 def test_corpus_from_a_text_file(shakespeare_path):
-    cfg = ch3.lm_base_config("smoke")
+    cfg = char_gpt_config("smoke")
     cfg.data.path, cfg.lm.max_chars = str(shakespeare_path), 0
     corpus = ch3.load_corpus(cfg)
     assert corpus.tokenizer.vocab_size == 65  # tinyshakespeare's distinct characters
     n = len(shakespeare_path.read_text())
     assert len(corpus.train) + len(corpus.val) == n
-    assert len(corpus.val) == int(n * cfg.lm.val_fraction)
+    assert len(corpus.train) == int(n * (1 - cfg.lm.val_fraction))  # nanoGPT's split
     assert corpus.tokenizer.decode(corpus.train[:9]) == "First Cit"
 
 

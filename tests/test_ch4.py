@@ -4,14 +4,15 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxcourse import ch4
 from jaxcourse.models import lora
 from jaxcourse.models.grad_barriers import with_grad_barriers
-from jaxcourse.models.transformer import GPTConfig, lm_task
+from jaxcourse.lm import count_params, lm_task, load_model, mean_loss, random_batches
+from jaxcourse.lm.configs import pretrain_config
+from jaxcourse.models.transformer import GPTConfig
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +29,13 @@ def test_pretrain_summary_and_saved_model(pretrained):
     assert 0 < m["val_loss"] < math.log(m["vocab_size"])  # better than a uniform guess
     # val_loss is nanoGPT's estimate: the mean loss over eval_batches random validation
     # batches. Recompute it from the *saved* model and tokenizer on the same batches.
-    cfg = ch4.pretrain_config("smoke")
-    model_cfg, params, tok = ch4.load_model(pretrained)
+    cfg = pretrain_config("smoke")
+    model_cfg, params, tok = load_model(pretrained)
     corpus = ch4.load_corpus(cfg)
     assert tok.vocab_size == corpus.tokenizer.vocab_size == model_cfg.vocab_size
-    val = ch4.random_batches(corpus.val, cfg.lm.eval_batches, cfg.train.batch_size,
+    val = random_batches(corpus.val, cfg.lm.eval_batches, cfg.train.batch_size,
                              model_cfg.context, cfg.train.seed + 1)
-    assert ch4.mean_loss(model_cfg, params, val) == pytest.approx(m["val_loss"], rel=1e-5)
+    assert mean_loss(model_cfg, params, val) == pytest.approx(m["val_loss"], rel=1e-5)
     assert (pretrained / "sample.txt").read_text().startswith(cfg.lm.prompt)
 
 
@@ -43,7 +44,7 @@ def test_grad_barriers_change_nothing_but_fusion():
     task = lm_task(mc)
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 13)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    params, _ = task.init(jax.random.key(1), batch)
+    params = nn.meta.unbox(task.init(jax.random.key(1), batch)[0])  # init keeps the axis names
 
     @jax.jit
     def both_grads(params):
@@ -59,10 +60,10 @@ def test_finetune_from_saved_base(pretrained, tmp_path):
     ch4.main(["--config=configs/ch4_finetune.py:smoke", f"--config.finetune.base={pretrained}",
               f"--workdir={tmp_path}"])
     m = json.loads((tmp_path / "summary.json").read_text())["metrics"]
-    model_cfg, params, _ = ch4.load_model(pretrained)
-    assert m["sft/trainable_params"] == lora.count(params)
+    model_cfg, params, _ = load_model(pretrained)
+    assert m["sft/trainable_params"] == count_params(params)
     adapters = lora.init_adapters(jax.random.key(0), params, lora.LoRAConfig(rank=8), 32)
-    assert m["lora/trainable_params"] == lora.count(adapters) == 4 * 8 * 64 + 2 * 8 * 160
+    assert m["lora/trainable_params"] == count_params(adapters) == 4 * 8 * 64 + 2 * 8 * 160
     assert m["lora/optimizer_state_MB"] < 0.5 * m["sft/optimizer_state_MB"]
     for method in ("prompting", "sft", "lora"):
         assert 0.0 <= m[f"{method}/accuracy"] <= 1.0

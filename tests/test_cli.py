@@ -27,6 +27,23 @@ def test_overrides_keep_types_and_name_bad_keys():
         config.load("configs/nope.py")
 
 
+def test_derive_copies_changes_removes_and_names_bad_keys():
+    cfg, _, _ = config.load("configs/ch4_gpt.py:smoke")
+    v = config.derive(cfg, {"train.steps": 3, "optimizer.lr": 1, "model.window": 4,
+                            "mesh": None})
+    assert (v.train.steps, v.optimizer.lr, v.model.window, "mesh" in v) == (3, 1.0, 4, False)
+    assert (cfg.train.steps, cfg.model.window, "mesh" in cfg) == (20, 0, True)  # untouched
+    w = config.derive(v, {"mesh": {"data": 2}})
+    assert w.mesh.data == 2 and "mesh" not in v
+    assert config.derive(v, {"mesh": cfg.mesh}).mesh.to_dict() == cfg.mesh.to_dict()
+    with pytest.raises(ConfigError, match="unknown config key: train.stepz"):
+        config.derive(cfg, {"train.stepz": 1})
+    with pytest.raises(ConfigError, match="unknown config key: trian"):
+        config.derive(cfg, {"trian.steps": 1})
+    with pytest.raises(ConfigError, match="config key train.steps"):
+        config.derive(cfg, {"train.steps": "ten"})
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--config.train.stepz=5"], "unknown config key: train.stepz"),
     (["--config.optimizer.lr=fast"], "optimizer.lr expects float"),

@@ -10,7 +10,8 @@ import pytest
 from jaxcourse import config
 from jaxcourse.errors import UserError
 from jaxcourse.models import lora
-from jaxcourse.models.transformer import GPT, GPTConfig, lm_task
+from jaxcourse.lm import count_params, lm_task
+from jaxcourse.models.transformer import GPT, GPTConfig
 from jaxcourse.train import train
 
 MC = GPTConfig(vocab_size=11, context=8, n_layer=2, n_head=2, d_model=16, pos="learned",
@@ -39,7 +40,7 @@ def test_shapes_and_trainable_count(params):
     assert out["a"].shape == (16, 4) and out["b"].shape == (4, 16)
     assert adapters["blocks/layer_1/mlp/down"]["a"].shape == (64, 4)
     # Per layer: 4 attention maps 4*(16+16) + up 4*(16+64) + down 4*(64+16), times 2 layers.
-    assert lora.count(adapters) == 2 * (4 * 4 * 32 + 4 * 80 + 4 * 80) == 2304
+    assert count_params(adapters) == 2 * (4 * 4 * 32 + 4 * 80 + 4 * 80) == 2304
     assert all(float(jnp.abs(a["b"]).max()) == 0.0 for a in adapters.values())
     assert lora.in_axes((2, 8, 16), 16) == 2 and lora.in_axes((16, 2, 8), 16) == 1
 
@@ -111,7 +112,7 @@ def test_lora_task_trains_adapters_only_through_the_loop(tmp_path, params):
     data = [batch] * cfg.train.steps
     state, metrics = train(task, ml_collections.ConfigDict(cfg.to_dict()), tmp_path, data)
     assert set(state.params) == set(lora.target_kernels(params, lcfg))
-    assert lora.count(state.params) == 2 * (4 * 2 * 32 + 2 * 80 + 2 * 80)
+    assert count_params(state.params) == 2 * (4 * 2 * 32 + 2 * 80 + 2 * 80)
     for x, y in zip(jax.tree.leaves(state.model_state["frozen"]), jax.tree.leaves(params)):
         np.testing.assert_array_equal(x, y)  # the base is carried, never updated
     before = task.loss(lora.init_adapters(jax.random.key(0), params, lcfg, 16),
@@ -132,8 +133,8 @@ def test_memory_rows_count_trainable_params_and_adam_state(params):
     cfg.optimizer.update(name="adam", lr=1e-3)
     lcfg = lora.LoRAConfig(rank=2)
     sft, lo = lora.memory_rows(MC, lcfg, ml_collections.ConfigDict(cfg.to_dict()), batch_size=2)
-    assert sft["trainable_params"] == lora.count(params)
-    assert lo["trainable_params"] == lora.count(lora.init_adapters(jax.random.key(0), params, lcfg, 16))
+    assert sft["trainable_params"] == count_params(params)
+    assert lo["trainable_params"] == count_params(lora.init_adapters(jax.random.key(0), params, lcfg, 16))
     for row in (sft, lo):  # Adam keeps two float32 moments per trainable parameter (+ a count).
         assert row["optimizer_state_MB"] * 2**20 == pytest.approx(8 * row["trainable_params"], abs=64)
         assert row["peak_MB"] >= row["arguments_MB"] > 0

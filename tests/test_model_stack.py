@@ -15,7 +15,8 @@ from conftest import REPO
 from jaxcourse.errors import UserError
 from jaxcourse.models import aux_losses, decode, registry
 from jaxcourse.models.encoder_decoder import Encoder
-from jaxcourse.models.transformer import GPT, GPTConfig, gpt_config, lm_loss, model_section
+from jaxcourse.lm import lm_loss
+from jaxcourse.models.transformer import GPT, GPTConfig, gpt_config, model_section
 
 
 def _readme_example() -> dict:

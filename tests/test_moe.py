@@ -9,7 +9,8 @@ import pytest
 from jaxcourse.errors import UserError
 from jaxcourse.models import aux_losses, moe_routing as routing
 from jaxcourse.models.moe import STATE, MoEOptions
-from jaxcourse.models.transformer import GPT, gpt_config, lm_loss, model_section
+from jaxcourse.lm import lm_loss
+from jaxcourse.models.transformer import GPT, gpt_config, model_section
 from jaxcourse.parallel import make_mesh
 from jaxcourse.parallel.rules import GPT_RULES, use_mesh
 

@@ -7,7 +7,7 @@ import pytest
 from jaxcourse.data import sft
 from jaxcourse.data.tokenizers import CharTokenizer
 from jaxcourse.errors import UserError
-from jaxcourse.models.transformer import lm_loss
+from jaxcourse.lm import lm_loss
 
 TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :\n")
 

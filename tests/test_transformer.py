@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxcourse.errors import UserError
 from jaxcourse.models.encoder_decoder import Encoder, EncoderDecoder
-from jaxcourse.models.transformer import GPT, GPTConfig, gpt_config, lm_loss, model_section
+from jaxcourse.lm import lm_loss
+from jaxcourse.models.transformer import GPT, GPTConfig, gpt_config, model_section
 
 TINY = GPTConfig(vocab_size=13, context=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
                  attention="xla")

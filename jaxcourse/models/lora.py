@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcourse.errors import UserError
+from jaxcourse.lm.params import count_params
 from jaxcourse.parallel import memory
 from jaxcourse.train import Task, make_optimizer, make_step
 from jaxcourse.train.loop import init_state
@@ -140,10 +141,6 @@ def apply_unmerged(model: nn.Module, params, adapters, cfg: LoRAConfig, *args, *
         return model.apply({"params": params}, *args, **kwargs)
 
 
-def count(tree) -> int:
-    return sum(x.size for x in jax.tree.leaves(tree))
-
-
 def lora_task(base_task: Task, base_params, cfg: LoRAConfig, d_model: int) -> Task:
     """A task for the shared loop whose trainable params are the adapters only.
 
@@ -172,7 +169,7 @@ def step_memory(task: Task, cfg, batch: dict) -> dict:
     state = jax.eval_shape(init_state(task, tx, cfg, batch), jax.random.PRNGKey(0))
     compiled = jax.jit(make_step(task, tx, cfg), donate_argnums=0).lower(state, batch).compile()
     mem = memory.compiled_memory(compiled)
-    return {"trainable_params": count(state.params),
+    return {"trainable_params": count_params(state.params),
             "optimizer_state_MB": memory.bytes_per_device(state.opt_state) / 2**20,
             "arguments_MB": mem["arguments"] / 2**20, "temp_MB": mem["temporaries"] / 2**20,
             "peak_MB": mem["total"] / 2**20}
@@ -182,7 +179,8 @@ def memory_rows(model_cfg, cfg: LoRAConfig, train_cfg, batch_size: int) -> list[
     """step_memory of full fine-tuning ("sft") and LoRA ("lora") of a GPT (GPTConfig), with
     masked next-token batches of [batch_size, context]. The parameters are created inside
     `init`, which is only traced: a 124M model is compiled without being allocated."""
-    from jaxcourse.models.transformer import GPT, lm_task  # pylint: disable=import-outside-toplevel
+    from jaxcourse.lm import lm_task  # pylint: disable=import-outside-toplevel
+    from jaxcourse.models.transformer import GPT  # pylint: disable=import-outside-toplevel
     tokens = np.zeros((batch_size, model_cfg.context), np.int32)
     batch = {"inputs": tokens, "targets": tokens, "mask": np.ones(tokens.shape, np.float32)}
     full = lm_task(model_cfg)

@@ -25,15 +25,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from jaxcourse.errors import UserError
 from jaxcourse.models import registry
 from jaxcourse.models.attention import ATTENTION_IMPLS
-from jaxcourse.models.block import BOUNDARY, Stack, init_stack_cache
+from jaxcourse.models.block import Stack, init_stack_cache
 from jaxcourse.models.layers import (NORM_IMPLS, NORMS, Embed, Norm, bf16_dot_general,
                                      partitioned, sinusoidal_table)
-from jaxcourse.train import Task
 
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -302,36 +300,6 @@ def init_cache(cfg: GPTConfig, batch_size: int, length: int = 0, dtype=None) -> 
     check_length(cfg, length, "the KV cache")
     layers = init_stack_cache(cfg, batch_size, length, dtype or cfg.compute_dtype)
     return {"layers": layers, "index": jnp.zeros((), jnp.int32)}
-
-
-def lm_loss(logits_BxTxV, targets_BxT, mask_BxT=None):
-    """Mean next-token cross-entropy (nats) and accuracy over the unmasked positions."""
-    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-    correct_BxT = (jnp.argmax(logits_BxTxV, -1) == targets_BxT).astype(jnp.float32)
-    if mask_BxT is None:
-        mask_BxT = jnp.ones_like(nll_BxT)
-    mask_BxT = mask_BxT.astype(jnp.float32)
-    denom = jnp.maximum(mask_BxT.sum(), 1.0)
-    loss = (nll_BxT * mask_BxT).sum() / denom
-    return loss, {"loss": loss, "accuracy": (correct_BxT * mask_BxT).sum() / denom}
-
-
-def lm_task(cfg: GPTConfig) -> Task:
-    """Next-token prediction for the shared loop; batches hold "inputs" and "targets" [B,T]
-    and optionally a "mask" [B,T] of positions that count."""
-    model = GPT(cfg)
-
-    def init(rng, batch):
-        params = model.init(rng, jnp.asarray(batch["inputs"][:1]))["params"]
-        return nn.meta.unbox(params), {}
-
-    def loss(params, model_state, batch, rng, train):
-        logits = model.apply({"params": params}, batch["inputs"], train=train,
-                             rngs={"dropout": rng})
-        value, metrics = lm_loss(logits, batch["targets"], batch.get("mask"))
-        return value, (metrics, model_state)
-
-    return Task(init=init, loss=loss)
 
 
 def attention_maps(cfg: GPTConfig, params, tokens_BxT):

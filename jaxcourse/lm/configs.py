@@ -1,0 +1,147 @@
+"""Config builders of the language-model experiments (configs/ch3_*.py, configs/ch4_*.py).
+
+`small_gpt()` is the one small GPT of chapters 3, 4 and 9: 4 layers, width 128, 4 heads,
+context 64, the vocabulary from the tokenizer. Each chapter adds its own settings on top.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from jaxcourse import config
+from jaxcourse.models.transformer import model_section
+from jaxcourse.parallel.mesh import mesh_config
+
+SMALL_GPT = {
+    "vocab_size": 0,  # 0: the tokenizer's vocabulary size.
+    "context": 64,
+    "n_layer": 4,
+    "n_head": 4,
+    "d_model": 128,
+    "attention": "xla",
+}
+
+
+def small_gpt(**overrides) -> ml_collections.ConfigDict:
+    """The `model` section of the small GPT; `overrides` change or add GPTConfig fields."""
+    return model_section(**{**SMALL_GPT, **overrides})
+
+
+def char_gpt_config(preset: str) -> ml_collections.ConfigDict:
+    """Chapter 3: a character-level GPT on the stdlib corpus; smoke / cpu / gpu presets."""
+    cfg = config.base_config()
+    cfg.data.name = "stdlib"
+    cfg.model = small_gpt()
+    cfg.lm = {
+        "max_chars": 0,
+        "val_fraction": 0.1,
+        "eval_tokens": 16384,
+        "eval_batch_size": 64,
+        "prompt": "",  # "": the first 8 validation characters.
+        "sample_tokens": 200,
+        "temperature": 0.8,
+        "top_k": 0,
+        "top_p": 0.95,
+        "attention_len": 48,
+        "position_windows": 1024,
+    }
+    cfg.decode = {"batch_size": 1, "prompt_len": 8, "new_tokens": (32,), "repeats": 3}
+    t = cfg.train
+    t.steps = 1500
+    t.batch_size = 16
+    t.eval_every = 250
+    t.log_every = 50
+    t.steps_per_call = 10
+    o = cfg.optimizer
+    o.name = "adamw"
+    o.lr = 2e-3
+    o.schedule = "warmup_cosine"
+    o.warmup_steps = 100
+    o.weight_decay = 0.1
+    o.b2 = 0.99
+    o.clip_norm = 1.0
+    if preset == "smoke":
+        cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
+        cfg.lm.update(max_chars=50_000, eval_tokens=512, sample_tokens=8, attention_len=12,
+                      position_windows=16)
+        cfg.decode.update(prompt_len=4, new_tokens=(8,), repeats=1)
+        t.steps = 20
+        t.batch_size = 8
+        t.eval_every = 10
+        t.log_every = 10
+        o.warmup_steps = 5
+    elif preset == "gpu":
+        cfg.model.update(context=256, n_layer=6, n_head=6, d_model=384, dropout=0.1,
+                         dtype="bfloat16")
+        cfg.lm.update(eval_tokens=262_144, eval_batch_size=128, sample_tokens=500)
+        cfg.decode.update(batch_size=8, new_tokens=(64, 128, 240), repeats=5)
+        t.steps = 5000
+        t.batch_size = 64
+        t.eval_every = 500
+        t.steps_per_call = 50
+        t.precision = "bfloat16"
+        o.lr = 1e-3
+        o.warmup_steps = 200
+    return cfg
+
+
+def pretrain_config(preset: str) -> ml_collections.ConfigDict:
+    """Chapter 4 pretraining. `cpu` is nanoGPT's shakespeare-char CPU run, hyper-parameter for
+    hyper-parameter: no bias, learned positions, LayerNorm, tied embeddings, AdamW(0.9, 0.99),
+    weight decay 0.1, 100 warmup steps then cosine to lr/10, clip 1.0, no dropout."""
+    cfg = config.base_config()
+    cfg.experiment = "gpt"
+    cfg.data.name = "stdlib"
+    cfg.model = small_gpt(pos="learned", norm="layernorm", bias=False,
+                          matmul="bfloat16")  # bf16 matmuls, f32 elsewhere: 1.9x on CPU.
+    # Data parallel over every device of the process: the GPUs of a machine, or CPU cores
+    # split into devices with XLA_FLAGS=--xla_force_host_platform_device_count=2.
+    cfg.mesh = mesh_config(data=-1)
+    cfg.tokenizer = {"name": "char", "vocab_size": 512}  # vocab_size: BPE only.
+    cfg.lm = {
+        "max_chars": 0,
+        "val_fraction": 0.1,
+        "eval_batches": 200,
+        "monitor_batches": 20,
+        "prompt": "\n",
+        "sample_tokens": 200,
+        "temperature": 0.8,
+        "top_k": 0,
+        "grad_barriers": True,  # models/grad_barriers.py: a CPU fusion workaround.
+    }
+    t = cfg.train
+    t.steps = 2000
+    t.batch_size = 12
+    t.eval_every = 250
+    t.log_every = 50
+    t.steps_per_call = 50
+    o = cfg.optimizer
+    o.name = "adamw"
+    o.lr = 1e-3
+    o.schedule = "warmup_cosine"
+    o.warmup_steps = 100
+    o.min_lr_ratio = 0.1
+    o.weight_decay = 0.1
+    o.b1 = 0.9
+    o.b2 = 0.99
+    o.clip_norm = 1.0
+    if preset == "smoke":
+        cfg.model.update(context=16, n_layer=1, n_head=2, d_model=32)
+        cfg.lm.update(max_chars=20_000, eval_batches=4, monitor_batches=0, sample_tokens=8)
+        # Batch 8: divisible by the 8 simulated devices the tests run the mesh on.
+        t.steps = 20
+        t.batch_size = 8
+        t.eval_every = 10
+        t.log_every = 10
+        t.steps_per_call = 10
+        o.warmup_steps = 5
+    elif preset == "gpu":  # nanoGPT's config/train_shakespeare_char.py.
+        cfg.model.update(context=256, n_layer=6, n_head=6, d_model=384, dropout=0.2,
+                         dtype="bfloat16", matmul="", attention="cudnn")
+        cfg.lm.update(sample_tokens=250)
+        cfg.lm.grad_barriers = False  # a CPU compiler workaround; GPUs fuse well without.
+        t.steps = 5000
+        t.batch_size = 64
+        t.eval_every = 250
+        t.steps_per_call = 50
+        t.precision = "bfloat16"
+    return cfg

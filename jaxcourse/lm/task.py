@@ -1,0 +1,54 @@
+"""The one language-model task of the shared loop: next-token cross-entropy of a GPT.
+
+`init` hands the loop *boxed* parameters: their logical axis names (nn.with_logical_partitioning)
+are what the loop's sharding rules read, so the same task trains unsharded, data parallel,
+FSDP, tensor parallel or (with `mesh` and `microbatches`) as a GPipe pipeline.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import jax.numpy as jnp
+import optax
+
+from jaxcourse.errors import UserError
+from jaxcourse.models.block import Stack
+from jaxcourse.models.transformer import GPT, GPTConfig
+from jaxcourse.parallel.pipeline import pipelined
+from jaxcourse.train import Task
+
+
+def lm_loss(logits_BxTxV, targets_BxT, mask_BxT=None):
+    """Mean next-token cross-entropy (nats) and accuracy over the unmasked positions."""
+    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    correct_BxT = (jnp.argmax(logits_BxTxV, -1) == targets_BxT).astype(jnp.float32)
+    if mask_BxT is None:
+        mask_BxT = jnp.ones_like(nll_BxT)
+    mask_BxT = mask_BxT.astype(jnp.float32)
+    denom = jnp.maximum(mask_BxT.sum(), 1.0)
+    loss = (nll_BxT * mask_BxT).sum() / denom
+    return loss, {"loss": loss, "accuracy": (correct_BxT * mask_BxT).sum() / denom}
+
+
+def lm_task(model_cfg: GPTConfig, mesh=None, microbatches: int = 1) -> Task:
+    """Next-token prediction; batches hold "inputs" and "targets" [B, T] and optionally a
+    "mask" [B, T] of the positions that count. With a mesh whose `pipeline` axis is > 1 the
+    scanned block stack runs as a GPipe pipeline of `microbatches` microbatches (embedding
+    and head stay GSPMD-sharded); without one the mesh comes from the loop's config."""
+    model = GPT(model_cfg)
+    piped = mesh is not None and mesh.shape["pipeline"] > 1
+    if piped and not model_cfg.scan_layers:
+        raise UserError("a pipeline mesh needs model.scan_layers=True: pipeline stages are "
+                        "slices of the scanned layer stack")
+
+    def init(rng, batch):
+        return model.init(rng, jnp.asarray(batch["inputs"][:1]))["params"], {}
+
+    def loss(params, model_state, batch, rng, train):
+        with pipelined(Stack, mesh, microbatches) if piped else contextlib.nullcontext():
+            logits = model.apply({"params": params}, batch["inputs"], train=train,
+                                 rngs={"dropout": rng})
+        value, metrics = lm_loss(logits, batch["targets"], batch.get("mask"))
+        return value, (metrics, model_state)
+
+    return Task(init=init, loss=loss)
