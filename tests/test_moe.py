@@ -162,3 +162,23 @@ def test_experts_not_divisible_by_the_expert_axis_is_one_line():
     with use_mesh(make_mesh({"expert": 4, "data": 2}), GPT_RULES):
         with pytest.raises(UserError, match="n_experts=6 .* divisible by the expert mesh axis"):
             jax.eval_shape(lambda p: GPT(cfg).apply({"params": p}, _tokens(b=8)), params)
+
+
+def test_lm_task_adds_weighted_aux_losses_in_training_only_and_carries_router_state():
+    from jaxcourse.lm import lm_task
+    cfg = _cfg(bias_rate=0.1)
+    tokens = _tokens()
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    task = lm_task(cfg, aux_weights={"load_balance": 0.5, "z_loss": 0.0, "absent": 1.0})
+    params, state = task.init(jax.random.key(0), batch)
+    params = nn.meta.unbox(params)
+    assert set(state) == {STATE}
+    rng = jax.random.key(1)
+    train_loss, (m, new_state) = task.loss(params, state, batch, rng, True)
+    eval_loss, (m_eval, same_state) = task.loss(params, state, batch, rng, False)
+    np.testing.assert_allclose(eval_loss, m_eval["loss"], rtol=1e-6)  # the LM loss alone
+    np.testing.assert_allclose(train_loss, m["loss"] + 0.5 * m["aux/load_balance"], rtol=1e-5)
+    assert float(m["aux/load_balance"]) > 1.0 and "aux/load_cv" in m
+    moved = new_state[STATE]["blocks"]["layer_0"]["moe"]["bias"]
+    assert float(jnp.abs(moved).sum()) > 0  # training updated the balancing bias
+    np.testing.assert_array_equal(same_state[STATE]["blocks"]["layer_0"]["moe"]["bias"], 0.0)

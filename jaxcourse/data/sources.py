@@ -49,6 +49,17 @@ def stdlib_corpus(max_chars: int = 1_000_000) -> str:
     return "".join(parts)[:max_chars]
 
 
+def pydoc_corpus(max_chars: int = 1_000_000) -> str:
+    """English prose: the Python documentation topics shipped in the standard library
+    (`pydoc_data.topics`, the text `help()` shows), in sorted topic order."""
+    from pydoc_data import topics  # pylint: disable=import-outside-toplevel
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:max_chars]
+
+
+EMBEDDED_TEXT = {"stdlib": stdlib_corpus, "pydoc": pydoc_corpus}
+
+
 def read_text(path: str | pathlib.Path) -> str:
     path = pathlib.Path(path)
     if not path.is_file():
@@ -63,12 +74,20 @@ def read_text(path: str | pathlib.Path) -> str:
 
 
 def load_text(data_cfg) -> str:
-    """The text corpus named by a `data` config section: `data.path`, or the stdlib corpus."""
+    """The text corpus named by a `data` config section: `data.path`, or an embedded corpus
+    (`stdlib`: Python source code, the default; `pydoc`: English documentation prose)."""
     if data_cfg.path:
         return read_text(data_cfg.path)
-    if data_cfg.name not in ("stdlib", "text", ""):
-        raise UserError(f"unknown text data.name={data_cfg.name!r}; use 'stdlib' or set data.path")
-    return stdlib_corpus()
+    return embedded_text(data_cfg.name or "stdlib")
+
+
+def embedded_text(name: str) -> str:
+    if name == "text":
+        name = "stdlib"
+    if name not in EMBEDDED_TEXT:
+        raise UserError(f"unknown text data.name={name!r}; use one of "
+                        f"{', '.join(EMBEDDED_TEXT)} or set data.path")
+    return EMBEDDED_TEXT[name]()
 
 
 # --- MNIST idx -------------------------------------------------------------------------

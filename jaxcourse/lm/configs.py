@@ -145,3 +145,72 @@ def pretrain_config(preset: str) -> ml_collections.ConfigDict:
         t.steps_per_call = 50
         t.precision = "bfloat16"
     return cfg
+
+
+def moe_config(preset: str) -> ml_collections.ConfigDict:
+    """Chapter 7: the small GPT with MoE feed-forwards on a mixture of two embedded corpora
+    (Python source and English prose). Its dense twin (same active parameters per token) is
+    built from the same section by ch7."""
+    cfg = config.base_config()
+    cfg.experiment = "moe"
+    cfg.data.name = "stdlib"
+    cfg.model = small_gpt(ffn="moe")
+    m = cfg.model.moe
+    m.n_experts = 8
+    m.top_k = 2
+    m.d_expert = 256          # 2 experts of 256 = the dense twin's d_ff 512 (4 * d_model)
+    m.capacity_factor = 1.25
+    m.groups = 16             # one group per sequence of the batch: per-sequence capacity
+    cfg.lm = {
+        "domains": "stdlib,pydoc",  # embedded corpora (or text files), one per domain
+        "max_chars": 400_000,       # per domain
+        "val_fraction": 0.1,
+        "eval_tokens": 16384,
+        "eval_batch_size": 64,
+        "analysis_tokens": 8192,    # per domain, for the routing figures
+        "snapshots": 4,             # looks inside the MoE run at 4 points of training
+        "aux_weights": {"load_balance": 0.01, "z_loss": 0.001},
+    }
+    cfg.ablation = {"variants": "base,top1,capacity_1.0,dropless,no_balance_loss,no_z_loss,"
+                                "aux_free_bias"}
+    t = cfg.train
+    t.steps = 1200
+    t.batch_size = 16
+    t.eval_every = 300
+    t.log_every = 50
+    t.steps_per_call = 10
+    o = cfg.optimizer
+    o.name = "adamw"
+    o.lr = 2e-3
+    o.schedule = "warmup_cosine"
+    o.warmup_steps = 100
+    o.weight_decay = 0.1
+    o.b2 = 0.99
+    o.clip_norm = 1.0
+    if preset == "smoke":
+        cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
+        m.n_experts = 4
+        m.d_expert = 64
+        m.groups = 8
+        cfg.lm.update(max_chars=30_000, eval_tokens=512, analysis_tokens=256, snapshots=2)
+        cfg.ablation.variants = "base,dropless,aux_free_bias"
+        t.steps = 12
+        t.batch_size = 8
+        t.eval_every = 6
+        t.log_every = 6
+        t.steps_per_call = 6
+        o.warmup_steps = 2
+    elif preset == "gpu":
+        cfg.model.update(context=256, n_layer=6, n_head=6, d_model=384, dtype="bfloat16")
+        m.n_experts = 16
+        m.d_expert = 768
+        m.groups = 64
+        cfg.lm.update(max_chars=0, eval_tokens=262_144, eval_batch_size=128)
+        t.steps = 5000
+        t.batch_size = 64
+        t.eval_every = 500
+        t.steps_per_call = 50
+        t.precision = "bfloat16"
+        o.lr = 1e-3
+        o.warmup_steps = 200
+    return cfg

@@ -1,0 +1,52 @@
+"""Chapter 7 end to end on the smoke preset: dense vs MoE, expert parallelism, figures,
+the ablation; the two embedded domains."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jaxcourse import ch7, config
+from jaxcourse.errors import UserError
+from jaxcourse.lm.configs import moe_config
+
+
+def _run(tmp_path, name, *overrides):
+    workdir = tmp_path / name
+    ch7.main([f"--config=configs/ch7_{name}.py:smoke", f"--workdir={workdir}", *overrides])
+    return workdir, json.loads((workdir / "summary.json").read_text())["metrics"]
+
+
+def test_moe_lab_compares_dense_and_moe_and_checks_expert_parallelism(tmp_path):
+    workdir, m = _run(tmp_path, "moe")
+    vocab = ch7.load_domains(moe_config("smoke")).tokenizer.vocab_size
+    for key in ("dense_val_loss", "moe_val_loss"):
+        assert m[key] < math.log(vocab) - 0.1, (key, m[key])  # both learned something
+    # equal active parameters (the MoE routers add d_model x experts per layer)
+    assert m["moe_active_params"] - m["dense_params"] == 2 * 32 * 4
+    assert m["moe_params"] > 1.4 * m["dense_params"]
+    assert m["expert_parallel_devices"] == 4 and m["expert_parallel_max_diff"] < 1e-5
+    assert m["all_to_all_bytes_per_step"] > 0
+    assert 0.0 < m["dropped_fraction"] < 0.5 and m["load_cv"] > 0.0
+    assert m["dense_tokens_per_second"] > 0
+    for png in ("gates.png", "traffic.png", "expert_tokens.png"):
+        assert (workdir / png).stat().st_size > 10_000, png
+
+
+def test_ablation_runs_each_variant(tmp_path):
+    _, m = _run(tmp_path, "ablation", "--config.ablation.variants=dropless,aux_free_bias",
+                "--config.train.steps=6")
+    assert m["dropless/dropped_fraction"] == 0.0
+    assert m["aux_free_bias/dropped_fraction"] > 0.0
+    for name in ("dropless", "aux_free_bias"):
+        assert np.isfinite(m[f"{name}/val_loss"]) and m[f"{name}/max_expert_share"] < 1.0
+
+
+def test_two_embedded_domains_share_one_vocabulary():
+    cfg = moe_config("smoke")
+    domains = ch7.load_domains(cfg)
+    assert domains.names == ["stdlib", "pydoc"]
+    text = domains.tokenizer.decode(domains.val["pydoc"][:2000].tolist())
+    assert text.count(" the ") > 5  # English prose, not code
+    with pytest.raises(UserError, match="needs two or more"):
+        ch7.load_domains(config.derive(cfg, {"lm.domains": "stdlib"}))
