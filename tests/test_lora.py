@@ -10,7 +10,8 @@ from jaxcourse import config
 from jaxcourse.errors import UserError
 from jaxcourse.models import lora
 from jaxcourse.models.transformer import GPT, GPTConfig, lm_task
-from jaxcourse.train import make_optimizer, train
+from jaxcourse.parallel.mesh import mesh_config
+from jaxcourse.train import Task, make_optimizer, train
 
 MC = GPTConfig(vocab_size=11, context=8, n_layer=2, n_head=2, d_model=16, pos="learned",
                norm="layernorm")
@@ -153,3 +154,21 @@ def test_memory_rows_count_trainable_params_and_adam_state(params):
         assert row["peak_MB"] >= row["arguments_MB"] > 0
     # LoRA's arguments still hold the frozen base (as params), but not its moments.
     assert lo["arguments_MB"] < sft["arguments_MB"]
+
+
+def test_lora_base_is_sharded_like_the_params_under_fsdp(tmp_path, params):
+    """The frozen base takes the logical-axis names of the base task's init: split 8 ways on
+    an fsdp=8 mesh (like the parameters of a full fine-tune), and still exactly the base."""
+    model = GPT(MC)
+    boxed = Task(init=lambda rng, b: (model.init(rng, jnp.asarray(b["inputs"][:1]))["params"], {}),
+                 loss=lm_task(MC).loss)  # keeps nn.Partitioned boxes (logical names)
+    lcfg = lora.LoRAConfig(rank=2)
+    cfg = lora.with_optimizer_settings(_loop_config(), lcfg)
+    cfg.train.update(steps=2, steps_per_call=2, log_every=2, batch_size=8)
+    cfg.mesh = mesh_config(fsdp=8)
+    batch = {k: np.tile(v, (4, 1)) for k, v in BATCH.items()}
+    state, _ = train(lora.lora_task(boxed, params, lcfg, 16), cfg, tmp_path, [batch] * 2)
+    up = state.params["base"]["blocks"]["layer_0"]["mlp"]["up"]["kernel"]  # [embed, mlp]
+    assert up.sharding.shard_shape(up.shape) == (16 // 8, 64)
+    for x, y in zip(jax.tree.leaves(state.params["base"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(x, y)
