@@ -180,8 +180,10 @@ def run_finetune(cfg, workdir: pathlib.Path) -> dict:
         lcfg = lora.LoRAConfig(rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets),
                                lora_plus_ratio=lc.lora_plus_ratio)
         ltask = lora.lora_task(full_task, base, lcfg, model_cfg.d_model)
-        state, row = fine_tune("lora", ltask, _derived(cfg, f.steps, f.lora_lr), workdir, sets)
-        merged = jax.jit(lora.merge, static_argnums=2)(base, state.params, lcfg)
+        lora_cfg = lora.with_optimizer_settings(_derived(cfg, f.steps, f.lora_lr), lcfg)
+        state, row = fine_tune("lora", ltask, lora_cfg, workdir, sets)
+        merged = jax.jit(lora.merge, static_argnums=2)(state.params["base"],
+                                                       state.params["lora"], lcfg)
         rows.append(evaluate("lora", merged, row))
         for b in f.scale_batches:
             rows += scale_memory_rows(cfg, lcfg, b)

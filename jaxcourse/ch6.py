@@ -137,17 +137,20 @@ def sft_start(cfg, workdir: pathlib.Path):
     return model_cfg, task, nn.meta.unbox(state.params)
 
 
-def _rl_loop(step, state, ref, steps: int, seed: int, writer: MetricsWriter, log_every: int,
-             name: str):
-    """Calls a jitted RL step `steps` times, logging metrics; returns (state, seconds)."""
-    params, opt_state = state
-    rng, t0 = jax.random.key(seed), time.perf_counter()
-    for i in range(steps):
-        params, opt_state, m = step(params, opt_state, ref, jax.random.fold_in(rng, i))
-        writer.write(i + 1, m)
-        if (i + 1) % log_every == 0:
-            print(f"{name} step {i + 1}: reward {float(m['reward']):.3f} kl {float(m['kl']):.4f}")
-    return params, time.perf_counter() - t0
+def _rl_train(task, cfg, workdir: pathlib.Path, steps: int, inner_steps: int) -> tuple:
+    """An RL phase through the shared loop (checkpoints, exact resume, metrics every step)
+    with rl_optimizer, its schedule over all steps * inner_steps optimizer updates:
+    (final params, wall seconds, last metrics row)."""
+    tx = make_optimizer(cfg.rl_optimizer, steps * inner_steps)
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.optimizer = ml_collections.ConfigDict(cfg.rl_optimizer.to_dict())  # what tx is built from
+    c.train.update(steps=steps, steps_per_call=1, log_every=1, eval_every=0, grad_accum=1,
+                   ema_decay=0.0, precision="float32", patience=0)
+    t0 = time.perf_counter()
+    state, _ = train(task, c, workdir, [{}] * steps, tx=tx)
+    seconds = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return state.params, seconds, {k.removeprefix("train/"): v for k, v in rows[-1].items()}
 
 
 def _grpo_parts(cfg, model_cfg, task):
@@ -160,18 +163,18 @@ def _grpo_parts(cfg, model_cfg, task):
     return gc, evaluate
 
 
+def _grpo_task(cfg, model_cfg, gc, task, params):
+    step = lambda tx: grpo.make_grpo_step(model_cfg, gc, task, task.reward, tx)  # noqa: E731
+    return grpo.policy_task(step, params, params, seed=cfg.train.seed + 1)
+
+
 def run_grpo(cfg, workdir: pathlib.Path) -> dict:
     """GRPO from the SFT model: reward before and after, KL, clip fraction, length."""
     model_cfg, task, params = sft_start(cfg, workdir)
     gc, evaluate = _grpo_parts(cfg, model_cfg, task)
     before = evaluate(params)
-    tx = make_optimizer(cfg.rl_optimizer, cfg.grpo.steps * gc.inner_steps)
-    step = grpo.make_grpo_step(model_cfg, gc, task, task.reward, tx)
-    writer = MetricsWriter(workdir)
-    params, seconds = _rl_loop(step, (params, tx.init(params)), params, cfg.grpo.steps,
-                               cfg.train.seed + 1, writer, cfg.grpo.log_every, "grpo")
-    writer.plot("curves.png")
-    last = writer.rows()[-1]
+    params, seconds, last = _rl_train(_grpo_task(cfg, model_cfg, gc, task, params), cfg,
+                                      workdir, cfg.grpo.steps, gc.inner_steps)
     return {"reward_before": before, "reward_after": evaluate(params), "grpo_seconds": seconds,
             "final_kl": last["kl"], "final_clip_frac": last["clip_frac"],
             "final_response_length": last["response_length"]}
@@ -208,26 +211,17 @@ def run_rlhf(cfg, workdir: pathlib.Path) -> dict:
                             clip_eps=gc.clip_eps, kl_coef=gc.kl_coef, vf_coef=cfg.rlhf.vf_coef,
                             gae_lambda=cfg.rlhf.gae_lambda, temperature=gc.temperature)
     score = lambda idx, tokens: reward_model.sequence_reward(model_cfg, rm_params, tokens)
-    tx = make_optimizer(cfg.rl_optimizer, cfg.rlhf.ppo_steps * lc.inner_steps)
-    both = (sft, rm_params)
-    (workdir / "ppo_lm").mkdir(exist_ok=True)
-    writer = MetricsWriter(workdir / "ppo_lm")
-    step = lm_ppo.make_lm_ppo_step(model_cfg, lc, task, score, tx)
-    both, secs = _rl_loop(step, (both, tx.init(both)), sft, cfg.rlhf.ppo_steps,
-                          cfg.train.seed + 1, writer, cfg.grpo.log_every, "ppo-lm")
-    writer.plot("curves.png")
+    ppo_task = grpo.policy_task(lambda tx: lm_ppo.make_lm_ppo_step(model_cfg, lc, task, score, tx),
+                                (sft, rm_params), sft, seed=cfg.train.seed + 1)
+    both, secs, last = _rl_train(ppo_task, cfg, workdir / "ppo_lm", cfg.rlhf.ppo_steps,
+                                 lc.inner_steps)
     out.update(ppo_lm_reward_after=evaluate(both[0]), ppo_lm_seconds=secs,
-               ppo_lm_final_kl=writer.rows()[-1]["kl"])
+               ppo_lm_final_kl=last["kl"])
     # GRPO on the rule reward, same start and sample budget.
-    tx = make_optimizer(cfg.rl_optimizer, cfg.grpo.steps * gc.inner_steps)
-    (workdir / "grpo").mkdir(exist_ok=True)
-    writer = MetricsWriter(workdir / "grpo")
-    step = grpo.make_grpo_step(model_cfg, gc, task, task.reward, tx)
-    params, secs = _rl_loop(step, (sft, tx.init(sft)), sft, cfg.grpo.steps,
-                            cfg.train.seed + 1, writer, cfg.grpo.log_every, "grpo")
-    writer.plot("curves.png")
+    params, secs, last = _rl_train(_grpo_task(cfg, model_cfg, gc, task, sft), cfg,
+                                   workdir / "grpo", cfg.grpo.steps, gc.inner_steps)
     out.update(grpo_reward_after=evaluate(params), grpo_seconds=secs,
-               grpo_final_kl=writer.rows()[-1]["kl"])
+               grpo_final_kl=last["kl"])
     return out
 
 

@@ -46,6 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
             "b2": 0.999,
             "momentum": 0.9,
             "clip_norm": 0.0,  # 0 = no clipping.
+            # Regex over '/'-joined parameter paths: zero updates, no optimizer state.
+            "frozen": "",
+            # "REGEX:lr=4,wd=0; REGEX2:wd=0.1": per-group lr multiplier / weight decay
+            # (train/optim.py); "" = one group.
+            "groups": "",
         },
         "data": {"name": "digits", "path": ""},
         "checkpoint": {"every": 0, "keep": 3},  # every=0: only at the end.

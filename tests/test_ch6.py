@@ -60,6 +60,10 @@ def test_gymnasium_and_grpo_smoke(tmp_path):
     assert 0.0 <= m["reward_before"] <= 1.0 and 0.0 <= m["reward_after"] <= 1.0
     assert m["final_response_length"] >= 1.0
     assert (tmp_path / "grpo" / "sft" / "metrics.jsonl").exists()
+    # GRPO runs in the shared loop: a metrics row per step and a final checkpoint.
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "train/kl" in rows[-1]
+    assert (tmp_path / "grpo" / "checkpoints" / "3").is_dir()
 
 
 def test_bad_config_is_one_line_error(tmp_path, capsys):

@@ -21,12 +21,12 @@ def test_every_layout_matches_single_device(tmp_path):
     m = _summary(tmp_path)
     for layout in LAYOUTS:
         assert m[f"{layout}/max_loss_diff"] < 1e-5, layout  # f32: the same math, resharded
-    # Adam: parameters + two moments = 12 bytes per parameter, plus 2 int32 step counters
-    # (Adam's count and the schedule's), replicated.
+    # Adam: parameters + two moments = 12 bytes per parameter, plus 16 replicated bytes:
+    # Adam's int32 count and the injected learning rate (f32) with its two int32 counters.
     n = m["n_params"]
-    assert m["single/param_opt_bytes_per_device"] == 12 * n + 8
-    assert m["dp/param_opt_bytes_per_device"] == 12 * n + 8  # data parallel replicates
-    assert m["fsdp/param_opt_bytes_per_device"] == 12 * n // 8 + 8  # ZeRO-3: all split 8 ways
+    assert m["single/param_opt_bytes_per_device"] == 12 * n + 16
+    assert m["dp/param_opt_bytes_per_device"] == 12 * n + 16  # data parallel replicates
+    assert m["fsdp/param_opt_bytes_per_device"] == 12 * n // 8 + 16  # ZeRO-3: split 8 ways
     assert m["fsdp_tp/param_opt_bytes_per_device"] < m["tp/param_opt_bytes_per_device"]
     table = (tmp_path / "layouts.md").read_text()
     assert table.count("\n| ") == 6 and "bubble 43%" in table  # 4 stages, 4 microbatches

@@ -2,8 +2,10 @@
 
 A frozen kernel W, viewed as a matrix [d_in, d_out], gets a low-rank update
 W + (alpha / rank) * A @ B with A [d_in, r] (random) and B [r, d_out] (zeros, so training
-starts exactly at the base model). Only A and B are trained; the base parameters are never
-differentiated and never copied into the optimizer.
+starts exactly at the base model). Only A and B are trained. In the shared loop the task's
+params are {"base": frozen model, "lora": adapters}: the base is frozen by the optimizer config
+(`optimizer_settings`: zero updates, no optimizer state, never differentiated), sharded like
+any parameters and saved once per checkpoint.
 
     lcfg = LoRAConfig(rank=8, alpha=16, targets=(r"attention/(query|value)",))
     adapters = init_adapters(rng, params, lcfg, d_model=128)
@@ -15,11 +17,8 @@ Kernels as matrices: a kernel either reads the residual stream (first axis == d_
 key, value, MLP up; d_in is that axis) or writes it (last axis == d_model: the attention
 output [heads, head_dim, d_model] and MLP down; d_in is every axis but the last).
 
-LoRA+ (Hayou et al. 2024) trains B with a learning rate `lora_plus_ratio` times A's. Here that
-is a reparametrisation rather than a second optimizer: B is stored divided by the ratio and
-multiplied back in the forward pass. Adam-family updates are invariant to the gradient's scale,
-so the stored B moves by ~lr per step and the effective B by ratio * lr: exactly LoRA+ for
-Adam/AdamW/Lion (up to epsilon), through the shared loop's single optimizer.
+LoRA+ (Hayou et al. 2024) trains B with a learning rate `lora_plus_ratio` times A's: a
+parameter group of the loop's optimizer (optimizer.groups "^lora/.*/b$:lr=<ratio>").
 """
 from __future__ import annotations
 
@@ -31,13 +30,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxcourse.errors import UserError
 from jaxcourse.lm.params import count_params
 from jaxcourse.parallel import memory
+from jaxcourse.parallel.rules import unbox
 from jaxcourse.train import Task, make_optimizer, make_step
-from jaxcourse.train.loop import init_state
+from jaxcourse.train.optim import frozen_mask
+from jaxcourse.train.step import init_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +97,8 @@ def init_adapters(rng, params, cfg: LoRAConfig, d_model: int) -> dict:
 
 
 def delta(adapter: dict, shape, cfg: LoRAConfig) -> jax.Array:
-    """(alpha / r) * A @ B reshaped to the kernel's shape (B carries the LoRA+ factor)."""
-    ab = adapter["a"] @ (adapter["b"] * cfg.lora_plus_ratio)
-    return (cfg.scale * ab).reshape(shape)
+    """(alpha / r) * A @ B reshaped to the kernel's shape."""
+    return (cfg.scale * (adapter["a"] @ adapter["b"])).reshape(shape)
 
 
 def _update(params, adapters, cfg: LoRAConfig, sign: float):
@@ -134,28 +135,50 @@ def apply_unmerged(model: nn.Module, params, adapters, cfg: LoRAConfig, *args, *
         y = next_fun(*call_args, **call_kwargs)
         ad = adapters[path]
         x_flat = x.reshape(*x.shape[:x.ndim - n_in], -1)
-        low = (x_flat @ ad["a"].astype(x.dtype)) @ (ad["b"] * cfg.lora_plus_ratio).astype(x.dtype)
+        low = (x_flat @ ad["a"].astype(x.dtype)) @ ad["b"].astype(x.dtype)
         return y + (cfg.scale * low).reshape(y.shape).astype(y.dtype)
 
     with nn.intercept_methods(interceptor):
         return model.apply({"params": params}, *args, **kwargs)
 
 
-def lora_task(base_task: Task, base_params, cfg: LoRAConfig, d_model: int) -> Task:
-    """A task for the shared loop whose trainable params are the adapters only.
+def optimizer_settings(cfg: LoRAConfig) -> dict:
+    """optimizer.frozen / optimizer.groups for a `lora_task`: the base frozen, and B in a
+    group with `lora_plus_ratio` times the learning rate (LoRA+) when the ratio is not 1."""
+    groups = "" if cfg.lora_plus_ratio == 1.0 else f"^lora/.*/b$:lr={cfg.lora_plus_ratio!r}"
+    return {"frozen": "^base/", "groups": groups}
 
-    The frozen base rides in `model_state` (carried through the loop, never differentiated,
-    returned unchanged), so it is a jit argument rather than a constant baked into the
-    compiled step.
+
+def with_optimizer_settings(train_cfg, cfg: LoRAConfig):
+    """A copy of the loop config `train_cfg` whose optimizer trains a `lora_task`."""
+    out = ml_collections.ConfigDict(train_cfg.to_dict())
+    out.optimizer.update(optimizer_settings(cfg))
+    return out
+
+
+def _boxed_like(shaped, values):
+    """`values` in the logical-axis boxes of `shaped` (the base task's init), so a sharded
+    run places the frozen base exactly like the parameters it came from."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda box, v: box.replace_boxed(v) if is_box(box) else v,
+                        shaped, values, is_leaf=is_box)
+
+
+def lora_task(base_task: Task, base_params, cfg: LoRAConfig, d_model: int) -> Task:
+    """A task for the shared loop with params {"base": base_params, "lora": adapters}.
+
+    Train it with `with_optimizer_settings(cfg_of_the_run, cfg)`: the base is frozen there.
+    base_params=None takes the base task's own initialization (to compile without weights).
     """
 
     def init(rng, batch):
-        del batch
-        return init_adapters(rng, base_params, cfg, d_model), {"frozen": base_params}
+        shaped, _ = base_task.init(rng, batch)  # boxes (logical names) and shapes only
+        base = shaped if base_params is None else _boxed_like(shaped, base_params)
+        return {"base": base, "lora": init_adapters(rng, unbox(base), cfg, d_model)}, {}
 
-    def loss(adapters, model_state, batch, rng, train):
-        frozen = jax.lax.stop_gradient(model_state["frozen"])
-        value, (metrics, _) = base_task.loss(merge(frozen, adapters, cfg), {}, batch, rng, train)
+    def loss(params, model_state, batch, rng, train):
+        merged = merge(jax.lax.stop_gradient(params["base"]), params["lora"], cfg)
+        value, (metrics, _) = base_task.loss(merged, {}, batch, rng, train)
         return value, (metrics, model_state)
 
     return Task(init=init, loss=loss)
@@ -163,13 +186,16 @@ def lora_task(base_task: Task, base_params, cfg: LoRAConfig, d_model: int) -> Ta
 
 def step_memory(task: Task, cfg, batch: dict) -> dict:
     """XLA's memory_analysis of the shared loop's compiled training step for `task` (compiled,
-    not run): trainable parameters, optimizer state, arguments (params + optimizer state +
-    frozen base + batch), temporaries (activations, gradients) and their peak sum, in MB."""
+    not run): trainable (not frozen) parameters, optimizer state, arguments (params +
+    optimizer state + batch), temporaries (activations, gradients) and their peak sum, in MB."""
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     state = jax.eval_shape(init_state(task, tx, cfg, batch), jax.random.PRNGKey(0))
     compiled = jax.jit(make_step(task, tx, cfg), donate_argnums=0).lower(state, batch).compile()
     mem = memory.compiled_memory(compiled)
-    return {"trainable_params": count_params(state.params),
+    frozen = frozen_mask(cfg.optimizer, state.params)
+    frozen_count = 0 if frozen is None else sum(
+        x.size for x, f in zip(jax.tree.leaves(state.params), jax.tree.leaves(frozen)) if f)
+    return {"trainable_params": count_params(state.params) - frozen_count,
             "optimizer_state_MB": memory.bytes_per_device(state.opt_state) / 2**20,
             "arguments_MB": mem["arguments"] / 2**20, "temp_MB": mem["temporaries"] / 2**20,
             "peak_MB": mem["total"] / 2**20}
@@ -184,14 +210,6 @@ def memory_rows(model_cfg, cfg: LoRAConfig, train_cfg, batch_size: int) -> list[
     tokens = np.zeros((batch_size, model_cfg.context), np.int32)
     batch = {"inputs": tokens, "targets": tokens, "mask": np.ones(tokens.shape, np.float32)}
     full = lm_task(model_cfg)
-
-    def fresh(rng, b):
-        return nn.meta.unbox(GPT(model_cfg).init(rng, b["inputs"][:1])["params"])
-
-    def lora_init(rng, b):
-        base = fresh(rng, b)
-        return init_adapters(rng, base, cfg, model_cfg.d_model), {"frozen": base}
-
-    tasks = {"sft": Task(init=lambda rng, b: (fresh(rng, b), {}), loss=full.loss),
-             "lora": Task(init=lora_init, loss=lora_task(full, None, cfg, model_cfg.d_model).loss)}
-    return [{"method": name, **step_memory(task, train_cfg, batch)} for name, task in tasks.items()]
+    return [{"method": "sft", **step_memory(full, train_cfg, batch)},
+            {"method": "lora", **step_memory(lora_task(full, None, cfg, model_cfg.d_model),
+                                             with_optimizer_settings(train_cfg, cfg), batch)}]

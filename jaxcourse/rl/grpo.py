@@ -8,7 +8,8 @@ The loss is PPO's clipped ratio per token plus a KL penalty to a frozen referenc
     L = -mean_i mean_t [ min(r_it A_i, clip(r_it, 1-eps, 1+eps) A_i) - beta KL_it ]
 
 One iteration (sample, score, `inner_steps` gradient steps on the same samples) is one
-jitted function.
+jitted function; `policy_task` makes it the update step of the shared loop (checkpoints,
+exact resume, metrics, progress).
 """
 import dataclasses
 from typing import Callable, NamedTuple
@@ -20,6 +21,7 @@ import optax
 from jaxcourse.models import decode
 from jaxcourse.models.transformer import GPT, GPTConfig
 from jaxcourse.rl.advantages import group_advantages
+from jaxcourse.train import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +129,32 @@ def make_grpo_step(model_cfg: GPTConfig, cfg: GRPOConfig, task, reward_fn: Calla
         return params, opt_state, metrics
 
     return jax.jit(step)
+
+
+def policy_task(make_step: Callable, params, ref_params, seed: int | None = None) -> Task:
+    """A Task for the shared loop whose update is one RL iteration.
+
+    make_step(tx) -> step(params, opt_state, ref_params, rng) -> (params, opt_state, metrics),
+    e.g. `lambda tx: make_grpo_step(model_cfg, cfg, task, reward_fn, tx)`; the metrics must
+    include "loss". The policy starts from `params`; the frozen reference rides in
+    model_state. The loop's batches are ignored (the step samples its own prompts), so
+    train_data can be `[{}] * steps`. With `seed`, step s draws from fold_in(key(seed), s)
+    instead of the loop's key: the stream chapter 6 used before, so its results are unchanged.
+    """
+
+    def init(rng, batch):
+        del rng, batch
+        return params, {"ref": ref_params}
+
+    def update(state, batch, rng, tx):
+        del batch
+        if seed is not None:
+            rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        new_params, opt_state, metrics = make_step(tx)(state.params, state.opt_state,
+                                                       state.model_state["ref"], rng)
+        return state.replace(params=new_params, opt_state=opt_state), metrics
+
+    return Task(init=init, update=update)
 
 
 def mean_reward(model_cfg: GPTConfig, params, task, reward_fn, rng, samples_per_prompt: int,

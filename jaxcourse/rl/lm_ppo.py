@@ -93,9 +93,9 @@ def make_lm_ppo_step(model_cfg: GPTConfig, cfg: LMPPOConfig, task, score_fn: Cal
 
         def inner(carry, _):
             p, o = carry
-            grads, aux = jax.grad(loss_fn, has_aux=True)(p, batch, t)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, t)
             updates, o = tx.update(grads, o, p)
-            return (optax.apply_updates(p, updates), o), aux
+            return (optax.apply_updates(p, updates), o), {"loss": loss, **aux}
 
         (both, opt_state), m = jax.lax.scan(inner, (both, opt_state), None,
                                             length=cfg.inner_steps)
