@@ -22,7 +22,8 @@ def test_smoke_run_writes_table_figures_and_metrics(smoke_run):
     # little (0.90). It is far too short to beat uniform noise on Frechet (0.21 vs 0.32-0.59),
     # so the table is checked against the floor: held-out vs real training images (0.02).
     assert metrics["train_mse"] < 0.95
-    frechets = [metrics[f"frechet_{kind}_{steps}"] for kind in ("ddpm", "ddim") for steps in (5, 50)]
+    frechets = [metrics[f"frechet_{kind}_{steps}"]
+                for kind in ("ddpm", "ddim") for steps in (5, 50)]
     assert 0.0 < metrics["frechet_real_floor"] < 0.1
     assert min(frechets) > metrics["frechet_real_floor"]  # no sampler beats real images
     assert metrics["sample_accuracy"] == metrics["accuracy_ddim_5"]  # the grid's sampler.

@@ -10,7 +10,6 @@ copy the printed values into GOLDEN below, and say in the commit why the numbers
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
