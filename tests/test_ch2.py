@@ -1,5 +1,6 @@
 """Chapter 2: models, batch norm from scratch, augmentation, the chapter run and a real kill."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -70,13 +71,17 @@ def test_mixup_cutmix_crop():
 
 
 def test_chapter_run_and_rerun_resumes(tmp_path, capsys):
-    out = ch2.main([SMOKE, f"--workdir={tmp_path}"])
+    # The smoke preset's lr (3e-3) leaves 20 steps near chance (test accuracy 0.14); at 0.01 the
+    # same 20 steps reach 0.30 and a test loss of 2.14, clearly better than guessing (ln 10).
+    args = [SMOKE, f"--workdir={tmp_path}", "--config.optimizer.lr=0.01"]
+    out = ch2.main(args)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["metrics"]["test_accuracy"] == out["metrics"]["test_accuracy"]
-    assert 0.0 <= summary["metrics"]["test_accuracy"] <= 1.0
+    assert summary["metrics"]["test_accuracy"] > 0.2  # chance: 0.1
+    assert summary["metrics"]["test_loss"] < math.log(10) - 0.1
     assert summary["metrics"]["batchnorm_scratch_vs_flax_max_abs_diff"] < 1e-5
     assert (tmp_path / "curves.png").exists()
-    again = ch2.main([SMOKE, f"--workdir={tmp_path}"])
+    again = ch2.main(args)
     assert "resuming" in capsys.readouterr().err
     assert again["metrics"]["test_accuracy"] == out["metrics"]["test_accuracy"]
 

@@ -32,7 +32,6 @@ def test_train_experiment_writes_metrics_figures_and_sample(tmp_path):
 def test_decode_experiment_compares_cache_with_recompute(tmp_path):
     workdir, m = _run(tmp_path, "decode")
     assert m["8/same_tokens"] is True  # KV cache and recompute agree token for token
-    assert m["8/kv_cache_tok_s"] > 0 and m["8/recompute_tok_s"] > 0
     assert "KV-cache decode vs recompute" in (workdir / "results.md").read_text()
 
 
@@ -41,7 +40,10 @@ def test_context_experiment_table(tmp_path):
     workdir, m = _run(tmp_path, "context", "--config.sweep.contexts=(8,)")
     assert m["context_8/batch"] == 64 // 8  # tokens_per_step is held fixed
     assert m["context_8/val_ppl"] == pytest.approx(math.exp(m["context_8/val_loss"]))
-    assert math.isfinite(m["context_8/last_position_loss"])
+    # 20 steps beat the uniform guess (ln 92 = 4.52) at every position; measured 4.39.
+    vocab = ch3.load_corpus(ch3.lm_base_config("smoke")).tokenizer.vocab_size
+    assert m["context_8/last_position_loss"] < math.log(vocab) - 0.05
+    assert m["context_8/val_loss"] < math.log(vocab) - 0.05
     assert (workdir / "context.png").exists() and (workdir / "results.md").exists()
 
 

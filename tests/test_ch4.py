@@ -25,8 +25,8 @@ def pretrained(tmp_path_factory):
 
 def test_pretrain_summary_and_saved_model(pretrained):
     m = json.loads((pretrained / "summary.json").read_text())["metrics"]
-    assert m["steps"] == 20 and m["tokens_per_second"] > 0
-    assert 0 < m["val_loss"] < math.log(m["vocab_size"])  # better than a uniform guess
+    assert m["steps"] == 20
+    assert m["val_loss"] < math.log(m["vocab_size"]) - 0.1  # better than a uniform guess
     # val_loss is nanoGPT's estimate: the mean loss over eval_batches random validation
     # batches. Recompute it from the *saved* model and tokenizer on the same batches.
     cfg = pretrain_config("smoke")
@@ -65,9 +65,17 @@ def test_finetune_from_saved_base(pretrained, tmp_path):
     adapters = lora.init_adapters(jax.random.key(0), params, lora.LoRAConfig(rank=8), 32)
     assert m["lora/trainable_params"] == count_params(adapters) == 4 * 8 * 64 + 2 * 8 * 160
     assert m["lora/optimizer_state_MB"] < 0.5 * m["sft/optimizer_state_MB"]
+    # The smoke base is too small to learn the string tasks (exact match is 0.0 for all three),
+    # so check forgetting instead: prompting keeps the base, whose loss on pretraining text
+    # is the pretrain run's (other batches), and 4 fine-tuning steps barely move it. A broken
+    # LoRA merge or a wrong base would land near or above ln(vocab).
+    pretrain = json.loads((pretrained / "summary.json").read_text())["metrics"]
+    base_loss = m["prompting/pretrain_val_loss"]
+    assert base_loss == pytest.approx(pretrain["val_loss"], abs=0.05)
+    assert abs(m["lora/pretrain_val_loss"] - base_loss) < 0.05
+    assert abs(m["sft/pretrain_val_loss"] - base_loss) < 0.1
     for method in ("prompting", "sft", "lora"):
-        assert 0.0 <= m[f"{method}/accuracy"] <= 1.0
-    assert m["prompting/pretrain_val_loss"] > 0
+        assert f"{method}/accuracy" in m
     assert "| lora |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "accuracy.png").stat().st_size > 0
 

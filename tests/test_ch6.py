@@ -15,13 +15,17 @@ def _run(tmp_path, name, *extra):
 
 def test_ppo_smoke_writes_summary_curves_and_checkpoints(tmp_path):
     m = _run(tmp_path, "ppo")
-    assert m["num_seeds"] == 2 and m["steps_per_second"] > 0
+    assert m["num_seeds"] == 2
     assert 8 < m["mean_return"] < 500  # a near-random CartPole policy lasts ~10-30 steps
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
-    for key in ("return", "approx_kl", "clip_frac", "entropy", "value_loss",
-                "explained_variance"):
-        assert np.isfinite(rows[-1][key])
+    last = rows[-1]
+    # Two actions: entropy at most ln 2, and a fresh policy sits near it; each update stays
+    # inside the trust region (measured: entropy 0.693, KL 2e-8, clip fraction 0).
+    assert 0.6 < last["entropy"] <= np.log(2) + 1e-6
+    assert 0.0 <= last["approx_kl"] < 0.02 and last["clip_frac"] < 0.3
+    for key in ("return", "value_loss", "explained_variance"):
+        assert np.isfinite(last[key])
     assert (tmp_path / "curves.png").exists() and (tmp_path / "returns.png").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
 
@@ -55,9 +59,12 @@ def test_gymnasium_adapter_semantics():
 
 def test_gymnasium_and_grpo_smoke(tmp_path):
     m = _run(tmp_path / "gym", "gymnasium")
-    assert m["env"] == "gymnasium:CartPole-v1" and m["mean_return"] > 0
+    assert m["env"] == "gymnasium:CartPole-v1" and 8 < m["mean_return"] < 500  # measured 13.3
     m = _run(tmp_path / "grpo", "grpo")
-    assert 0.0 <= m["reward_before"] <= 1.0 and 0.0 <= m["reward_after"] <= 1.0
+    # The smoke run is too short to raise the reward (0.06 before and after); it must not
+    # lower it, and its policy moves (KL > 0) while staying in the clip range.
+    assert m["reward_after"] >= m["reward_before"]
+    assert 0.0 < m["final_kl"] < 0.05 and m["final_clip_frac"] < 0.5
     assert m["final_response_length"] >= 1.0
     assert (tmp_path / "grpo" / "sft" / "metrics.jsonl").exists()
     # GRPO runs in the shared loop: a metrics row per step and a final checkpoint.

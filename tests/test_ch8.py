@@ -18,10 +18,14 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_table_figures_and_metrics(smoke_run):
     metrics = json.loads((smoke_run / "summary.json").read_text())["metrics"]
-    for kind in ("ddpm", "ddim"):
-        for steps in (5, 50):
-            assert metrics[f"frechet_{kind}_{steps}"] >= 0.0
-            assert 0.0 <= metrics[f"accuracy_{kind}_{steps}"] <= 1.0
+    # Predicting zero noise scores an MSE of 1 (the noise variance); the smoke run learns a
+    # little (0.90). It is far too short to beat uniform noise on Frechet (0.21 vs 0.32-0.59),
+    # so the table is checked against the floor: held-out vs real training images (0.02).
+    assert metrics["train_mse"] < 0.95
+    frechets = [metrics[f"frechet_{kind}_{steps}"]
+                for kind in ("ddpm", "ddim") for steps in (5, 50)]
+    assert 0.0 < metrics["frechet_real_floor"] < 0.1
+    assert min(frechets) > metrics["frechet_real_floor"]  # no sampler beats real images
     assert metrics["sample_accuracy"] == metrics["accuracy_ddim_5"]  # the grid's sampler.
     table = (smoke_run / "quality.md").read_text()
     assert table.count("| ddpm |") == 2 and table.count("| ddim |") == 2

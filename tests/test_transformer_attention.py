@@ -134,6 +134,19 @@ def test_rope_scores_depend_only_on_relative_position():
                                rtol=1e-5)
 
 
+def test_rope_closed_form_at_position_1():
+    """Pins the direction and the layout, which the relative-position test cannot see (rotating
+    q and k both by -theta keeps every score a function of m - n). D=4, "rotate half" pairs
+    (x0, x2) at frequency 1 and (x1, x3) at 10000^(-1/2): at position 1 the angles are 1 and
+    0.01 rad, counter-clockwise: (a, b) -> (a cos t - b sin t, a sin t + b cos t)."""
+    x = np.array([1.0, 2.0, 3.0, 4.0], np.float32).reshape(1, 1, 1, 4)
+    out = np.asarray(layers.apply_rope(x, np.array([1]))).ravel()
+    t0, t1 = 1.0, 0.01
+    want = [1 * np.cos(t0) - 3 * np.sin(t0), 2 * np.cos(t1) - 4 * np.sin(t1),
+            1 * np.sin(t0) + 3 * np.cos(t0), 2 * np.sin(t1) + 4 * np.cos(t1)]
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
 def test_sinusoidal_table_closed_form():
     table = layers.sinusoidal_table(jnp.arange(4), 6)
     pos, i = 3, 1  # column i holds sin(pos / 10000^(i/3)), column 3 + i the cosine
