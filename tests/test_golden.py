@@ -16,7 +16,8 @@ import pytest
 from jaxcourse.config import base_config
 from jaxcourse.data.sources import load_digits
 from jaxcourse.models.classifier import ClassifierConfig, build_classifier
-from jaxcourse.models.transformer import GPTConfig, lm_task
+from jaxcourse.lm import lm_task
+from jaxcourse.models.transformer import GPTConfig
 from jaxcourse.train import train
 from jaxcourse.vision.task import Regularization, classification_task
 
