@@ -50,10 +50,9 @@ def test_weight_decay_moves_kernels_never_biases_or_norm_scales(name):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="optax.contrib.muon sends kernels with ndim != 2 (GPT "
-                   "attention [D,H,Dh], scanned [L,...] layers, conv kernels) to its adam part, "
-                   "whose weight decay make_optimizer leaves at 0")
 def test_muon_decays_kernels_of_any_rank():
+    """optax's muon sends kernels with ndim != 2 (GPT attention [D,H,Dh], scanned [L,...]
+    layers, conv kernels) to its Adam part, which does not decay; make_optimizer adds it."""
     params = {"attention": {"kernel": jax.random.normal(jax.random.key(1), (8, 2, 4))}}
     new = _zero_grad_step("muon", params)
     assert float(jnp.abs(new["attention"]["kernel"] - params["attention"]["kernel"]).max()) > 0

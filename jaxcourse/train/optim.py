@@ -147,10 +147,21 @@ def _named(c, lr, wd: float) -> optax.GradientTransformation:
     if c.name == "adafactor":
         return optax.adafactor(lr)
     if c.name == "muon":
-        return optax.contrib.muon(lr, adam_b1=c.b1, adam_b2=c.b2, weight_decay=wd,
+        muon = optax.contrib.muon(lr, adam_b1=c.b1, adam_b2=c.b2, weight_decay=wd,
                                   weight_decay_mask=decay_mask)
+        return optax.chain(muon, _decay_kernels_muon_skips(lr, wd)) if wd else muon
     raise ConfigError(
         f"config key optimizer.name={c.name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def _decay_kernels_muon_skips(lr, wd: float) -> optax.GradientTransformation:
+    """optax's muon orthogonalizes 2-D kernels only; kernels of other ranks (attention
+    [D, H, Dh], scanned [L, ...] layers, convolutions) go to its Adam part, whose decay is 0.
+    Decay those here, decoupled as in AdamW (-lr * wd * p); vectors stay undecayed."""
+    def update(updates, state, params):
+        return jax.tree.map(lambda u, p: u - lr * wd * p if p.ndim > 2 else u,
+                            updates, params), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _decayed(c, schedule, wd: float) -> list[optax.GradientTransformation]:
