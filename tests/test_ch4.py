@@ -2,9 +2,7 @@
 import json
 import math
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
