@@ -142,10 +142,11 @@ def _rl_train(task, cfg, workdir: pathlib.Path, steps: int, inner_steps: int) ->
     with rl_optimizer, its schedule over all steps * inner_steps optimizer updates:
     (final params, wall seconds, last metrics row)."""
     tx = make_optimizer(cfg.rl_optimizer, steps * inner_steps)
-    c = ml_collections.ConfigDict(cfg.to_dict())
-    c.optimizer = ml_collections.ConfigDict(cfg.rl_optimizer.to_dict())  # what tx is built from
-    c.train.update(steps=steps, steps_per_call=1, log_every=1, eval_every=0, grad_accum=1,
-                   ema_decay=0.0, precision="float32", patience=0)
+    c = config.derive(cfg, {
+        "optimizer": cfg.rl_optimizer,  # what tx is built from
+        "train.steps": steps, "train.steps_per_call": 1, "train.log_every": 1,
+        "train.eval_every": 0, "train.grad_accum": 1, "train.ema_decay": 0.0,
+        "train.precision": "float32", "train.patience": 0})
     t0 = time.perf_counter()
     state, _ = train(task, c, workdir, [{}] * steps, tx=tx)
     seconds = time.perf_counter() - t0

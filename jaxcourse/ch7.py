@@ -24,7 +24,6 @@ import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 import warnings  # noqa: E402
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcourse import cli, config  # noqa: E402

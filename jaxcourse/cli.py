@@ -1,12 +1,18 @@
 """The command line every chapter shares.
 
-    python -m jaxcourse.chN [--config=configs/chN_x.py[:preset]] [--config.key=value ...] [--workdir=DIR]
+    python -m jaxcourse.chN [--config=NAME[:preset]] [--config.key=value ...] [--workdir=DIR] [--no-cache]
+    jaxcourse chN ...       (the same, as the installed console command)
 
+NAME is a config file's path or its short name (`ch4_gpt`, see jaxcourse/config.py). Before
+jax starts, the run takes the machine's defaults (jaxcourse/machine.py): CPU cores as devices
+for a data mesh, and a persistent compilation cache (`--no-cache` or JAXCOURSE_CACHE=off).
 Bad arguments exit 2 with one line naming the problem, before anything is written. A
 `UserError` raised while running exits 1 with one line.
 """
+import importlib
 import json
 import pathlib
+import pkgutil
 import sys
 import time
 from typing import Callable
@@ -14,7 +20,9 @@ from typing import Callable
 import jax
 import numpy as np
 
+import jaxcourse
 from jaxcourse import config as config_lib
+from jaxcourse import machine
 from jaxcourse.parallel import distributed
 from jaxcourse.errors import ConfigError, UserError
 
@@ -23,10 +31,11 @@ Experiment = Callable[..., dict]
 
 def _usage(chapter: str, experiments: dict, default_config: str) -> str:
     lines = [
-        f"usage: python -m jaxcourse.{chapter} [--config=configs/{chapter}_x.py[:preset]]"
-        " [--config.key=value ...] [--workdir=DIR]",
+        f"usage: python -m jaxcourse.{chapter} [--config=NAME[:preset]]"
+        " [--config.key=value ...] [--workdir=DIR] [--no-cache]",
         "",
-        f"default: configs/{default_config}.py:cpu; presets: {', '.join(config_lib.PRESETS)}",
+        "NAME: a config file's path, or a short name below (files in configs/)",
+        f"default: {default_config}:cpu; presets: {', '.join(config_lib.PRESETS)}",
         "experiments (config files):",
     ]
     for name, doc in config_lib.experiments(chapter):
@@ -90,14 +99,21 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
     """Parses arguments, runs the chosen experiment, writes config.json and summary.json."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = f"jaxcourse.{chapter}"
+    cache = "--no-cache" not in argv
+    argv = [a for a in argv if a != "--no-cache"]
     try:
         cfg, workdir, stem, preset = parse(chapter, experiments, default_config, argv)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     try:
+        machine.use_cpu_cores(cfg)  # before anything starts a jax backend.
+        cache_dir = machine.compilation_cache(cache)
         distributed.initialize()  # a no-op unless a launcher started several processes.
         main_process = jax.process_index() == 0  # one process writes config and summary.
+        if main_process:
+            print(f"{prog}: {jax.device_count()} {jax.default_backend()} devices, "
+                  f"compilation cache {cache_dir or 'off'}")
         workdir.mkdir(parents=True, exist_ok=True)
         if main_process:
             write_json(workdir / "config.json", cfg.to_dict())
@@ -106,7 +122,7 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
         summary = {
             "chapter": chapter, "experiment": stem, "preset": preset,
             "wall_seconds": round(time.time() - start, 2), "metrics": metrics,
-            "config": cfg.to_dict(),
+            "devices": jax.device_count(), "config": cfg.to_dict(),
         }
         if main_process:
             write_json(workdir / "summary.json", summary)
@@ -117,3 +133,25 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1)
     return summary
+
+
+def chapters() -> list[str]:
+    """The chapter modules (ch1, ch2, ...) in numeric order."""
+    names = [m.name for m in pkgutil.iter_modules(jaxcourse.__path__)
+             if m.name.startswith("ch") and m.name[2:].isdigit()]
+    return sorted(names, key=lambda n: int(n[2:]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `jaxcourse` console command: `jaxcourse ch4 [chapter arguments]`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = chapters()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: jaxcourse {{{','.join(names)}}} [--config=NAME[:preset]] ...\n"
+              "       jaxcourse chN --help   lists a chapter's experiments")
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in names:
+        print(f"jaxcourse: error: unknown chapter {argv[0]!r}; choose one of {', '.join(names)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    importlib.import_module(f"jaxcourse.{argv[0]}").main(argv[1:])

@@ -1,8 +1,10 @@
 """The one config system: ml_collections files, presets, and `--config.key=value` overrides.
 
 A config file `configs/chN_<experiment>.py` defines `get_config(preset)` with presets
-`smoke` (seconds, for tests), `cpu` (default) and `gpu`. Overrides are type-checked against the
-file's values: an unknown key or a wrong type raises `ConfigError` naming the key.
+`smoke` (seconds, for tests), `cpu` (default) and `gpu`. `--config=` takes a path
+(`configs/ch4_gpt.py:cpu`) or the short name of a shipped file (`ch4_gpt:cpu`). Overrides are
+type-checked against the file's values: an unknown key or a wrong type raises `ConfigError`
+naming the key.
 """
 import ast
 import importlib.util
@@ -15,8 +17,12 @@ import ml_collections
 from jaxcourse.errors import ConfigError
 
 PRESETS = ("smoke", "cpu", "gpu")
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+# An installed wheel carries the files as jaxcourse/configs (see setup.py); a source checkout
+# keeps them in the top-level configs/ folder.
+CONFIG_DIR = _PACKAGE / "configs"
+if not CONFIG_DIR.is_dir():
+    CONFIG_DIR = _PACKAGE.parent / "configs"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,11 +67,7 @@ def load(spec: str) -> tuple[ml_collections.ConfigDict, str, str]:
     """Loads `path[:preset]`; returns (config, experiment file stem, preset)."""
     path_str, _, preset = spec.partition(":")
     preset = preset or "cpu"
-    path = pathlib.Path(path_str)
-    if not path.exists() and not path.is_absolute() and (REPO / path).exists():
-        path = REPO / path
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path_str}")
+    path = resolve(path_str)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} for {path_str}; choose one of {', '.join(PRESETS)}")
     spec_ = importlib.util.spec_from_file_location(f"jaxcourse_config_{path.stem}", path)
@@ -75,6 +77,20 @@ def load(spec: str) -> tuple[ml_collections.ConfigDict, str, str]:
         raise ConfigError(f"{path_str} defines no get_config(preset)")
     cfg = module.get_config(preset)
     return cfg, path.stem, preset
+
+
+def resolve(path_str: str) -> pathlib.Path:
+    """A config file from a path, or from a short name (`ch4_gpt`, `configs/ch4_gpt.py`) of
+    a file in CONFIG_DIR, so the README's commands also work outside a checkout."""
+    path = pathlib.Path(path_str)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and str(path.parent) in (".", "configs"):
+        shipped = CONFIG_DIR / (path.name if path.suffix == ".py" else f"{path.name}.py")
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"config file not found: {path_str} (a path, or a name such as "
+                      f"ch2_digits from {CONFIG_DIR})")
 
 
 def _parse_value(text: str, current):
@@ -157,7 +173,7 @@ def derive(cfg: ml_collections.ConfigDict, changes: Mapping[str, Any]) -> ml_col
 
 
 def experiments(chapter: str) -> list[tuple[str, str]]:
-    """(file name, first docstring line) of every config file of a chapter."""
+    """(short name, first docstring line) of every config file of a chapter."""
     out = []
     for path in sorted(CONFIG_DIR.glob(f"{chapter}_*.py")):
         doc = ""
@@ -166,5 +182,5 @@ def experiments(chapter: str) -> list[tuple[str, str]]:
         docstring = ast.get_docstring(tree)
         if docstring:
             doc = docstring.strip().splitlines()[0]
-        out.append((f"configs/{path.name}", doc))
+        out.append((path.stem, doc))
     return out

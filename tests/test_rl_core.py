@@ -1,5 +1,4 @@
 """GAE, PPO losses and GRPO's group advantages against hand-computed values."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

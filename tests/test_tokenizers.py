@@ -1,6 +1,9 @@
 """Tokenizers: round trips, hand-computed merges and fertility, save/load, clear errors."""
+import json
 
 import pytest
+import tokenizers
+from tokenizers import models, pre_tokenizers
 
 from jaxcourse.data import tokenizers as T
 from jaxcourse.errors import UserError
@@ -61,6 +64,29 @@ def test_save_load(tmp_path, name):
     back = T.load_tokenizer(tmp_path / "tok.json")
     assert back.vocab_size == tok.vocab_size
     assert back.encode(CORPUS) == tok.encode(CORPUS)
+
+
+def test_bpe_saves_and_loads_a_standard_tokenizer_json(tmp_path):
+    tok = T.make_tokenizer("bpe", CORPUS, 290)
+    tok.save(tmp_path / "tokenizer.json")
+    # The file is the package's own format: its reader gives the same ids.
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert theirs.encode(CORPUS + ODD).ids == tok.encode(CORPUS + ODD)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    # A tokenizer.json this project never wrote (a word-level vocabulary) loads too.
+    vocab = {"[UNK]": 0, "speak": 1, ",": 2, "hear": 3}
+    word = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    word.save(str(tmp_path / "word.json"))
+    loaded = T.load_tokenizer(tmp_path / "word.json")
+    assert loaded.vocab_size == 4 and loaded.encode("hear speak, citizen") == [3, 1, 2, 0]
+    # The wrapped form earlier versions saved still loads, to the same tokenizer.
+    (tmp_path / "old.json").write_text(json.dumps(
+        {"kind": "bpe", "tokenizer": (tmp_path / "tokenizer.json").read_text()}))
+    assert T.load_tokenizer(tmp_path / "old.json").encode(CORPUS) == tok.encode(CORPUS)
+    (tmp_path / "broken.json").write_text('{"model": {"type": "nope"}}')
+    with pytest.raises(UserError, match="cannot read tokenizer file .*broken.json"):
+        T.load_tokenizer(tmp_path / "broken.json")
 
 
 def test_bad_input_errors(tmp_path):

@@ -1,10 +1,6 @@
 """The shared loop: exact resume, NaN guard, checkpoints, accumulation, optimizers."""
-import pathlib
-import shutil
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

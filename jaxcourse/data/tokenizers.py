@@ -166,7 +166,9 @@ def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
 
 class HFByteBPE:
-    """The `tokenizers` package's byte-level BPE behind the same interface."""
+    """The `tokenizers` package's byte-level BPE (or any `tokenizers.Tokenizer`) behind the same
+    interface. `save` writes a standard `tokenizer.json`, the file `tokenizers.Tokenizer.from_file`
+    and `transformers` read; `load_tokenizer` reads such a file, whoever wrote it."""
 
     def __init__(self, tok):
         self._tok = tok
@@ -177,12 +179,20 @@ class HFByteBPE:
         _check_corpus(text)
         if vocab_size < 256:
             raise UserError(f"bpe vocab_size must be >= 256 (the byte alphabet), got {vocab_size}")
-        from tokenizers import ByteLevelBPETokenizer  # pylint: disable=import-outside-toplevel
-        tok = ByteLevelBPETokenizer()
+        import tokenizers  # noqa: PLC0415 - the Rust package loads only for "bpe".
+        from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # noqa: PLC0415
+        # GPT-2's byte-level BPE: bytes mapped to printable characters before the split, so
+        # every string round-trips and no token is unknown.
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                      special_tokens=[],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         # The corpus goes in as lines (newlines kept) so the Rust trainer can parallelise.
-        tok.train_from_iterator(text.splitlines(keepends=True), vocab_size=vocab_size,
-                                min_frequency=2, show_progress=False)
-        return cls(tok._tokenizer)  # pylint: disable=protected-access
+        tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(tok)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -191,7 +201,7 @@ class HFByteBPE:
         return self._tok.decode([int(i) for i in ids])
 
     def save(self, path) -> None:
-        _write_json(path, {"kind": "bpe", "tokenizer": self._tok.to_str()})
+        self._tok.save(str(path))
 
 
 def make_tokenizer(name: str, text: str, vocab_size: int = 512) -> Tokenizer:
@@ -206,18 +216,25 @@ def make_tokenizer(name: str, text: str, vocab_size: int = 512) -> Tokenizer:
 
 
 def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
+    """Reads a file written by `save`, or any standard `tokenizers` tokenizer.json."""
     try:
-        obj = json.loads(pathlib.Path(path).read_text())
-        kind = obj["kind"]
+        text = pathlib.Path(path).read_text()
+        obj = json.loads(text)
+        # A standard tokenizer.json has a "model" section; our own files have a "kind".
+        kind = "tokenizers" if isinstance(obj, dict) and "model" in obj else obj["kind"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read tokenizer file {path}: {e}") from None
     if kind == "char":
         return CharTokenizer(obj["chars"])
     if kind == "bpe_scratch":
         return ScratchBPE(obj["merges"])
-    if kind == "bpe":
-        import tokenizers  # pylint: disable=import-outside-toplevel
-        return HFByteBPE(tokenizers.Tokenizer.from_str(obj["tokenizer"]))
+    if kind in ("tokenizers", "bpe"):  # "bpe": the wrapped form earlier versions saved.
+        import tokenizers  # noqa: PLC0415 - the Rust package loads only for these files.
+        try:
+            return HFByteBPE(tokenizers.Tokenizer.from_str(text if kind == "tokenizers"
+                                                           else obj["tokenizer"]))
+        except Exception as e:  # noqa: BLE001 - the Rust parser raises plain Exception.
+            raise UserError(f"cannot read tokenizer file {path}: {e}") from None
     raise UserError(f"tokenizer file {path} has unknown kind {kind!r}")
 
 

@@ -206,7 +206,6 @@ def memory_rows(model_cfg, cfg: LoRAConfig, train_cfg, batch_size: int) -> list[
     masked next-token batches of [batch_size, context]. The parameters are created inside
     `init`, which is only traced: a 124M model is compiled without being allocated."""
     from jaxcourse.lm import lm_task  # pylint: disable=import-outside-toplevel
-    from jaxcourse.models.transformer import GPT  # pylint: disable=import-outside-toplevel
     tokens = np.zeros((batch_size, model_cfg.context), np.int32)
     batch = {"inputs": tokens, "targets": tokens, "mask": np.ones(tokens.shape, np.float32)}
     full = lm_task(model_cfg)

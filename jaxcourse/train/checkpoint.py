@@ -29,9 +29,11 @@ class Checkpointer:
 
     def __init__(self, directory: pathlib.Path, keep: int = 3):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True)
-        self._mngr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta"))
+        # The newest `keep` checkpoints stay (orbax 0.12 deprecates max_to_keep for this).
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=max(keep, 1)), create=True)
+        # Items ("state", "meta") and their handlers come from the save / restore args.
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, tree, meta: dict) -> None:
         meta = {**meta, "step": int(step), "signature": tree_signature(tree)}
