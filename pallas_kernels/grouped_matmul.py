@@ -29,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -269,9 +270,11 @@ def grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, *, interpret=None, block_s
         raise KernelInputError(f"lhs dtype {lhs_MxK.dtype} != rhs dtype {rhs_GxKxN.dtype}")
     if not jnp.issubdtype(group_sizes_G.dtype, jnp.integer):
         raise KernelInputError(f"group_sizes has dtype {group_sizes_G.dtype}; expected integers")
-    if not isinstance(group_sizes_G, jax.core.Tracer) and int(jnp.sum(group_sizes_G)) != m:
-        raise KernelInputError(f"group_sizes sum to {int(jnp.sum(group_sizes_G))}, not to the "
-                               f"{m} rows of lhs")
+    if not isinstance(group_sizes_G, jax.core.Tracer):
+        # numpy, not jnp: under an outer jit a jnp.sum of a constant would be traced.
+        total = int(np.asarray(group_sizes_G).sum())
+        if total != m:
+            raise KernelInputError(f"group_sizes sum to {total}, not to the {m} rows of lhs")
     bs = block_sizes or default_block_sizes(lhs_MxK.dtype)
     bs.validate()
     mode = plgpu.InterpretGPUParams() if resolve_interpret(interpret) else None
