@@ -34,7 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import KernelInputError, check_float, pad_to, resolve_interpret, round_up
+from pallas_kernels._common import (KernelInputError, check_float, pad_to, resolve_interpret,
+                                    round_up)
 
 # wgmma works on 64-row warpgroup tiles and at most 256 columns. Every block is a wgmma row
 # count somewhere (block_k is drhs's, block_n dlhs's), hence multiples of 64 throughout; 64
@@ -160,21 +161,18 @@ def _tgmm(lhs_t, grad, starts, ends, bs: BlockSizes, interpret, k_major: bool):
         tile0 = lo // bm
         n_tiles = jnp.where(hi > lo, (hi + bm - 1) // bm - tile0, 0)
 
-        def step(idx, l_smem, g_smem):
-            tile = tile0 + idx[0]
-
-            # Only the group's first and last M tile can hold rows of other groups.
-            @pl.when((tile * bm < lo) | ((tile + 1) * bm > hi))
-            def _():
-                mask = _rows_mask(tile * bm, (bk, bm), lo, hi, dim=1)
-                l_smem[...] = (l_smem[...].astype(jnp.float32) * mask).astype(l_smem.dtype)
-                plgpu.commit_smem()
-            plgpu.wgmma(acc_ref_box[0], l_smem, g_smem.T if k_major else g_smem)
-
-        acc_ref_box = []
-
         def matmul(acc_ref):
-            acc_ref_box.append(acc_ref)
+            def step(idx, l_smem, g_smem):
+                tile = tile0 + idx[0]
+
+                # Only the group's first and last M tile can hold rows of other groups.
+                @pl.when((tile * bm < lo) | ((tile + 1) * bm > hi))
+                def _():
+                    mask = _rows_mask(tile * bm, (bk, bm), lo, hi, dim=1)
+                    l_smem[...] = (l_smem[...].astype(jnp.float32) * mask).astype(l_smem.dtype)
+                    plgpu.commit_smem()
+                plgpu.wgmma(acc_ref, l_smem, g_smem.T if k_major else g_smem)
+
             plgpu.emit_pipeline(
                 step, grid=(n_tiles,),
                 in_specs=[
@@ -197,8 +195,11 @@ def _tgmm(lhs_t, grad, starts, ends, bs: BlockSizes, interpret, k_major: bool):
 # ----------------------------------------------------------------------------- wrapper + VJP
 def _bounds(group_sizes, bm: int, m_padded: int):
     """Group row ranges, and per M tile the first/last group with rows in it."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    starts = ends - group_sizes.astype(jnp.int32)
+    # Clipped at the padded M: a traced sum above M must not send the drhs kernel's TMA past
+    # the array (rows >= M are zero padding, so clipping there is ragged_dot's clipping at M).
+    cum = jnp.cumsum(group_sizes.astype(jnp.int32))
+    ends = jnp.minimum(cum, m_padded)
+    starts = jnp.minimum(cum - group_sizes.astype(jnp.int32), m_padded)
     tile_lo = jnp.arange(m_padded // bm, dtype=jnp.int32) * bm
     # first: the first group ending after the tile starts; last: the last starting before it
     # ends. Empty groups in between get an all-zero mask. first > last: no group, the tile is 0.

@@ -80,6 +80,16 @@ def test_traced_sizes_below_m_leave_trailing_rows_zero_like_ragged_dot():
     assert not np.asarray(got[80:]).any() and np.abs(np.asarray(got[:80])).min() > 0
 
 
+def test_traced_sizes_above_m_clip_like_ragged_dot():
+    lhs, rhs, cot = _operands(100, 64, 64, 2, jnp.float32, seed=3)
+    sizes = jnp.array([60, 90], jnp.int32)  # 150 > 100 rows: the second group is clipped
+    got = jax.jit(lambda a, b, s, c: _value_and_grads(
+        lambda x, y, z: grouped_matmul(x, y, z, block_sizes=SMALL), a, b, s, c))(
+            lhs, rhs, sizes, cot)
+    for g, w in zip(got, _value_and_grads(jax.lax.ragged_dot, lhs, rhs, sizes, cot)):
+        _close(g, w, 1e-5)
+
+
 def test_reference_matches_ragged_dot():
     lhs, rhs, _ = _operands(40, 8, 4, 3, jnp.float32)
     sizes = jnp.array([10, 0, 30], jnp.int32)
