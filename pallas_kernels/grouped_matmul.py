@@ -8,8 +8,8 @@ groups at M. Both as `lax.ragged_dot` does on CPU.
 Two kernels, both `plgpu.kernel` (Mosaic GPU, Warpgroup semantics, one CTA per output tile):
 
 * `_gmm` (forward, and dlhs with the weights transposed). The grid is (N tiles, M tiles). The
-  wrapper computes, per M tile, the first and last group that has rows in it (a searchsorted
-  over the cumulative sizes). The CTA loops over those groups; for each it streams K-slices of
+  wrapper lists the non-empty groups in row order and computes, per M tile, the first and last
+  of them with rows in it (a searchsorted over the cumulative sizes). The CTA loops over those; for each it streams K-slices of
   its lhs tile and of rhs[g] into swizzled SMEM with `plgpu.emit_pipeline` (TMA, a few stages)
   and accumulates with wgmma into a register accumulator, then keeps only the rows of that group
   (an iota mask) in a running float32 sum. A tile inside one group does one matmul; a tile that
@@ -109,17 +109,18 @@ def _operand_spec(k_major: bool, block_k: int, block_n: int, index_map, dtype):
                            transforms=_transforms(block_n, dtype), delay_release=1)
 
 
-def _gmm(lhs, rhs, starts, ends, first, last, bs: BlockSizes, interpret, k_major: bool):
+def _gmm(lhs, rhs, tiles, bs: BlockSizes, interpret, k_major: bool):
     """[Mp, Kp] x [G, Kp, Np] (k_major: [G, Np, Kp]) -> [Mp, Np], padded to whole blocks."""
     m, k = lhs.shape
     n = rhs.shape[1 if k_major else 2]
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
     lhs_t = _transforms(bk, lhs.dtype)
 
-    def body(starts_ref, ends_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref):
+    def body(group_ref, starts_ref, ends_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref):
         ni, mi = lax.axis_index("n"), lax.axis_index("m")
 
-        def one_group(g, total):
+        def one_group(j, total):
+            g = group_ref[j]
             def matmul(acc_ref):
                 plgpu.emit_pipeline(
                     lambda _, l_smem, r_smem: plgpu.wgmma(
@@ -133,7 +134,7 @@ def _gmm(lhs, rhs, starts, ends, first, last, bs: BlockSizes, interpret, k_major
                 )(lhs_ref, rhs_ref.at[g])
                 return acc_ref[...]
             acc = pl.run_scoped(matmul, plgpu.ACC((bm, bn)))
-            return total + acc * _rows_mask(mi * bm, (bm, bn), starts_ref[g], ends_ref[g])
+            return total + acc * _rows_mask(mi * bm, (bm, bn), starts_ref[j], ends_ref[j])
 
         zero = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
         total = lax.fori_loop(first_ref[mi], last_ref[mi] + 1, one_group, zero)
@@ -142,7 +143,7 @@ def _gmm(lhs, rhs, starts, ends, first, last, bs: BlockSizes, interpret, k_major
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype),
                           grid=(n // bn, m // bm), grid_names=("n", "m"),
                           compiler_params=_params(), interpret=interpret)
-    return kernel(starts, ends, first, last, lhs, rhs)
+    return kernel(*tiles, lhs, rhs)
 
 
 def _tgmm(lhs_t, grad, starts, ends, bs: BlockSizes, interpret, k_major: bool):
@@ -194,18 +195,26 @@ def _tgmm(lhs_t, grad, starts, ends, bs: BlockSizes, interpret, k_major: bool):
 
 # ----------------------------------------------------------------------------- wrapper + VJP
 def _bounds(group_sizes, bm: int, m_padded: int):
-    """Group row ranges, and per M tile the first/last group with rows in it."""
+    """-> (starts, ends) per group, for drhs; and, for the forward kernel, the non-empty groups
+    in row order (ids, starts, ends) with, per M tile, the first/last of them in the tile."""
     # Clipped at the padded M: a traced sum above M must not send the drhs kernel's TMA past
     # the array (rows >= M are zero padding, so clipping there is ragged_dot's clipping at M).
     cum = jnp.cumsum(group_sizes.astype(jnp.int32))
     ends = jnp.minimum(cum, m_padded)
     starts = jnp.minimum(cum - group_sizes.astype(jnp.int32), m_padded)
     tile_lo = jnp.arange(m_padded // bm, dtype=jnp.int32) * bm
-    # first: the first group ending after the tile starts; last: the last starting before it
-    # ends. Empty groups in between get an all-zero mask. first > last: no group, the tile is 0.
-    first = jnp.searchsorted(ends, tile_lo, side="right").astype(jnp.int32)
-    last = (jnp.searchsorted(starts, tile_lo + bm, side="left") - 1).astype(jnp.int32)
-    return starts, ends, first, last
+    # Empty groups are listed last (with bounds past every row), so no tile spends a K loop on
+    # them; the non-empty ones keep their row order and strictly increasing bounds.
+    empty = ends <= starts
+    ids = jnp.argsort(empty, stable=True).astype(jnp.int32)
+    past = jnp.iinfo(jnp.int32).max
+    starts_ne = jnp.where(empty[ids], past, starts[ids])
+    ends_ne = jnp.where(empty[ids], past, ends[ids])
+    # first: the first group ending after the tile starts; last: the last one starting before
+    # it ends. first > last: no group has rows there, and the tile is 0.
+    first = jnp.searchsorted(ends_ne, tile_lo, side="right").astype(jnp.int32)
+    last = (jnp.searchsorted(starts_ne, tile_lo + bm, side="left") - 1).astype(jnp.int32)
+    return (starts, ends), (ids, starts_ne, ends_ne, first, last)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -221,13 +230,13 @@ def _k_major(dtype) -> bool:
 def _forward(lhs, rhs, group_sizes, bs, interpret):
     (m, k), n = lhs.shape, rhs.shape[2]
     mp, kp, np_ = round_up(m, bs.block_m), round_up(k, bs.block_k), round_up(n, bs.block_n)
-    bounds = _bounds(group_sizes, bs.block_m, mp)
+    groups, tiles = _bounds(group_sizes, bs.block_m, mp)
     lhs_p = pad_to(pad_to(lhs, 0, mp), 1, kp)
     rhs_p = pad_to(pad_to(rhs, 1, kp), 2, np_)
     k_major = _k_major(rhs.dtype)
-    out = _gmm(lhs_p, jnp.swapaxes(rhs_p, 1, 2) if k_major else rhs_p, *bounds, bs, interpret,
+    out = _gmm(lhs_p, jnp.swapaxes(rhs_p, 1, 2) if k_major else rhs_p, tiles, bs, interpret,
                k_major)
-    return out[:m, :n], (lhs_p, rhs_p, group_sizes, bounds, (m, k, n))
+    return out[:m, :n], (lhs_p, rhs_p, group_sizes, groups, tiles, (m, k, n))
 
 
 def _fwd(lhs, rhs, group_sizes, bs, interpret):
@@ -235,14 +244,14 @@ def _fwd(lhs, rhs, group_sizes, bs, interpret):
 
 
 def _bwd(bs, interpret, res, grad):
-    lhs_p, rhs_p, group_sizes, bounds, (m, k, n) = res
+    lhs_p, rhs_p, group_sizes, groups, tiles, (m, k, n) = res
     grad_p = pad_to(pad_to(grad.astype(lhs_p.dtype), 0, lhs_p.shape[0]), 1, rhs_p.shape[2])
     # dlhs = grad @ rhs[g]^T: the forward kernel contracting over N. rhs [G, K, N] is already
     # that operand stored contraction-fastest, so it needs no transpose for any dtype.
     bs_t = dataclasses.replace(bs, block_n=bs.block_k, block_k=bs.block_n)
-    dlhs = _gmm(grad_p, rhs_p, *bounds, bs_t, interpret, True)
+    dlhs = _gmm(grad_p, rhs_p, tiles, bs_t, interpret, True)
     k_major = _k_major(lhs_p.dtype)
-    drhs = _tgmm(lhs_p.T, grad_p.T if k_major else grad_p, *bounds[:2], bs, interpret, k_major)
+    drhs = _tgmm(lhs_p.T, grad_p.T if k_major else grad_p, *groups, bs, interpret, k_major)
     return (dlhs[:m, :k], drhs[:, :k, :n], jnp.zeros(group_sizes.shape, jax.dtypes.float0))
 
 
