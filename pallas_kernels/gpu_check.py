@@ -69,6 +69,38 @@ def lower_for_gpu(fn, *args, device_kind="NVIDIA H100 80GB HBM3"):
     return kernels
 
 
+MOSAIC_TARGET = "mosaic_gpu_v2"
+
+
+def mosaic_gpu_kernels(fn, *args, device_kind="NVIDIA H100 80GB HBM3"):
+    """jit-lower fn(*args) for CUDA; -> the byte sizes of its Mosaic GPU kernel modules.
+
+    For Mosaic GPU (`plgpu.kernel`) jax itself runs, at lowering time and with no GPU, the
+    Python half of the compiler: layout inference for sm_90, the lowering of the mosaic_gpu
+    dialect (wgmma operand rules, TMA and swizzle layouts), the shared-memory budget of the
+    device and the MLIR verifier. A kernel that fails any of these raises here. Left for the GPU:
+    the C++ passes of XLA's custom call (LLVM/NVVM to PTX, ptxas) and the run itself.
+    """
+    device = AbstractDevice(device_kind=device_kind, num_cores=132, platform="cuda")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    found = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if (inner.name == "stablehlo.custom_call"
+                            and ir.StringAttr(inner.attributes["call_target_name"]).value
+                            == MOSAIC_TARGET):
+                        config = ir.DictAttr(inner.attributes["mhlo.backend_config"])
+                        found.append(len(ir.StringAttr(config["module"]).value_bytes))
+                    walk(inner)
+    walk(lowered.compiler_ir("stablehlo").operation)
+    return found
+
+
 # ----------------------------------------------------------------------------- CLI: dump TTIR
 def _grads(fn, n):
     return jax.grad(lambda *a: fn(*a).astype("float32").sum(), argnums=tuple(range(n)))

@@ -102,6 +102,21 @@ def test_dense_and_ragged_dropless_are_the_same_function(activation):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_pallas_equals_ragged_values_and_grads():
+    """impl=pallas is the same function as impl=ragged (on CPU through the kernel's reference;
+    the kernel itself is tested against ragged_dot in test_pallas_grouped_matmul.py)."""
+    ragged = _cfg(capacity_factor=0.0, impl="ragged", activation="swiglu")
+    pallas = _cfg(capacity_factor=0.0, impl="pallas", activation="swiglu")
+    params, tokens = _params(ragged), _tokens()
+    (a, _), ga = jax.value_and_grad(lambda p: _loss(ragged, p, tokens), has_aux=True)(params)
+    (b, _), gb = jax.value_and_grad(lambda p: _loss(pallas, p, tokens), has_aux=True)(params)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    with pytest.raises(UserError, match="model.moe.impl='pallas' is dropless"):
+        MoEOptions(impl="pallas")
+
+
 def test_dropped_tokens_pass_through_the_residual():
     cfg = _cfg(capacity_factor=0.25, top_k=1, n_experts=2)  # capacity 4 of 32 tokens
     from jaxcourse.models.moe import MoE

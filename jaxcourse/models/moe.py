@@ -9,6 +9,8 @@ implementations compute the same function behind `impl`:
               the form expert parallelism needs (fixed-size all_to_all buffers).
     "ragged"  dropless: assignments sorted by expert, both expert matmuls as one grouped
               matmul each (`lax.ragged_dot`), unsorted and weighted.
+    "pallas"  the same dropless path with both grouped matmuls through the Mosaic GPU kernel
+              `pallas_kernels.grouped_matmul` on a GPU; elsewhere its ragged_dot reference.
 With an `expert` mesh axis > 1 the dense path runs the experts with `all_to_all` dispatch
 (parallel/expert.py): each device holds E/n experts and its own token groups.
 
@@ -29,7 +31,7 @@ from jaxcourse.models.layers import MLP, partitioned
 from jaxcourse.parallel.expert import AXIS, expert_parallel
 
 ROUTERS = ("topk", "expert_choice")
-IMPLS = ("dense", "ragged")
+IMPLS = ("dense", "ragged", "pallas")
 STATE = "router_state"  # aux-loss-free balancing bias: model state, not a parameter
 
 
@@ -42,7 +44,7 @@ class MoEOptions:
     router: str = "topk"           # topk | expert_choice
     softmax: str = "before"        # before | after the top-k selection (topk router)
     capacity_factor: float = 1.25  # Slots per expert = factor * T * k / E; <= 0: dropless.
-    impl: str = "dense"            # dense | ragged (dropless, grouped matmuls)
+    impl: str = "dense"            # dense | ragged | pallas (both dropless grouped matmuls)
     groups: int = 1                # Token groups (capacity is per group; expert parallelism
                                    # needs a multiple of the expert axis).
     jitter: float = 0.0            # Multiplicative router-input noise while training (Switch).
@@ -60,7 +62,7 @@ class MoEOptions:
                              ("impl", IMPLS), ("activation", ("gelu", "swiglu"))):
             if getattr(self, key) not in choices:
                 bad(key, f"is not one of {', '.join(choices)}")
-        if self.impl == "ragged" and (self.capacity_factor > 0 or self.router != "topk"):
+        if self.impl != "dense" and (self.capacity_factor > 0 or self.router != "topk"):
             bad("impl", "is dropless top-k routing: set capacity_factor<=0 and router=topk")
         if self.groups < 1 or self.d_expert < 0 or self.n_shared < 0:
             bad("groups", "must be >= 1 (and d_expert, n_shared >= 0)")
@@ -154,7 +156,7 @@ class MoE(nn.Module):
         aux_losses.sow_metric(self, "load_cv", routing.coefficient_of_variation(load_E))
         self.sow("intermediates", "expert_load", load_E)
         self.sow("intermediates", "experts", chosen)
-        if o.impl == "ragged":
+        if o.impl != "dense":
             aux_losses.sow_metric(self, "dropped_fraction", 0.0)
             return _ragged(x_GxTxD, weights, chosen, experts, o)
         cap = routing.capacity(x_GxTxD.shape[1], o.n_experts, o.top_k, o.capacity_factor)
@@ -180,6 +182,19 @@ class MoE(nn.Module):
         return jnp.einsum("gtec,gecd->gtd", combine_GxTxExC.astype(y_GxExCxD.dtype), y_GxExCxD)
 
 
+def _grouped_matmul(impl: str):
+    """(lhs [M, K], rhs [E, K, N], sizes [E]) -> [M, N] for the dropless path."""
+    if impl == "ragged":
+        return jax.lax.ragged_dot
+    # Lazy: only this switch needs the kernels package. Off a GPU the kernel would run in the
+    # (slow) interpreter, so the layer takes its reference; the kernel tests use interpret mode.
+    from pallas_kernels.grouped_matmul import (  # pylint: disable=import-outside-toplevel
+        grouped_matmul, grouped_matmul_reference)
+    if jax.default_backend() == "gpu":
+        return lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, interpret=False)
+    return grouped_matmul_reference
+
+
 def _ragged(x_GxTxD, weights_GxTxK, experts_GxTxK, params, o: MoEOptions):
     """Dropless: sort the T*k assignments by expert, two grouped matmuls, unsort."""
     d = x_GxTxD.shape[-1]
@@ -189,12 +204,13 @@ def _ragged(x_GxTxD, weights_GxTxK, experts_GxTxK, params, o: MoEOptions):
     order = jnp.argsort(flat, stable=True)
     x_sorted = x_TxD[order // k]
     sizes_E = jnp.bincount(flat, length=o.n_experts).astype(jnp.int32)
-    h = jax.lax.ragged_dot(x_sorted, params["w_in"], sizes_E)
+    grouped = _grouped_matmul(o.impl)
+    h = grouped(x_sorted, params["w_in"], sizes_E)
     if o.activation == "swiglu":
-        h = nn.silu(jax.lax.ragged_dot(x_sorted, params["w_gate"], sizes_E)) * h
+        h = nn.silu(grouped(x_sorted, params["w_gate"], sizes_E)) * h
     else:
         h = nn.gelu(h)
-    out_sorted = jax.lax.ragged_dot(h, params["w_out"], sizes_E)
+    out_sorted = grouped(h, params["w_out"], sizes_E)
     out_TKxD = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
     out_TxKxD = out_TKxD.reshape(-1, k, d)
     y_TxD = jnp.einsum("tk,tkd->td", weights_GxTxK.reshape(-1, k).astype(out_TxKxD.dtype),
