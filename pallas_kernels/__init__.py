@@ -1,16 +1,19 @@
 """Pallas GPU kernels, each beside its plain-jnp reference (the oracle and the fallback).
 
-All run in interpret mode on CPU; on a GPU they compile through Pallas' Triton lowering.
+All run in interpret mode on CPU. On a GPU, flash attention and the norms compile through
+Pallas' Triton lowering; the grouped matmul targets Mosaic GPU.
 See pallas_kernels/README.md for the algorithms, block sizes and status.
 """
 from pallas_kernels._common import KernelInputError
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
 from pallas_kernels.layer_norm import layer_norm, layer_norm_reference
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
 __all__ = [
     "KernelInputError",
     "flash_attention", "flash_attention_reference",
+    "grouped_matmul", "grouped_matmul_reference",
     "layer_norm", "layer_norm_reference",
     "rms_norm", "rms_norm_reference",
 ]

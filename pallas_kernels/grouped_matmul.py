@@ -152,7 +152,7 @@ def _tgmm(lhs_t, grad, starts, ends, bs: BlockSizes, interpret, k_major: bool):
     lhs comes as lhs^T [Kp, Mp] and, k_major, grad as grad^T [Np, Mp] (else [Mp, Np]): wgmma
     on 32-bit operands (tf32) needs both with the contraction (here M) fastest in SMEM.
     """
-    (k, m), n, g_count = lhs_t.shape, grad.shape[0 if k_major else 1], starts.shape[0]
+    k, n, g_count = lhs_t.shape[0], grad.shape[0 if k_major else 1], starts.shape[0]
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
     lhs_tr = _transforms(bm, lhs_t.dtype)
 

@@ -188,7 +188,7 @@ def _grouped_matmul(impl: str):
         return jax.lax.ragged_dot
     # Lazy: only this switch needs the kernels package. Off a GPU the kernel would run in the
     # (slow) interpreter, so the layer takes its reference; the kernel tests use interpret mode.
-    from pallas_kernels.grouped_matmul import (  # pylint: disable=import-outside-toplevel
+    from pallas_kernels.grouped_matmul import (  # noqa: PLC0415
         grouped_matmul, grouped_matmul_reference)
     if jax.default_backend() == "gpu":
         return lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, interpret=False)
