@@ -41,7 +41,7 @@ def test_context_experiment_table(tmp_path):
     assert m["context_8/batch"] == 64 // 8  # tokens_per_step is held fixed
     assert m["context_8/val_ppl"] == pytest.approx(math.exp(m["context_8/val_loss"]))
     # 20 steps beat the uniform guess (ln 92 = 4.52) at every position; measured 4.39.
-    vocab = ch3.load_corpus(ch3.lm_base_config("smoke")).tokenizer.vocab_size
+    vocab = ch3.load_corpus(char_gpt_config("smoke")).tokenizer.vocab_size
     assert m["context_8/last_position_loss"] < math.log(vocab) - 0.05
     assert m["context_8/val_loss"] < math.log(vocab) - 0.05
     assert (workdir / "context.png").exists() and (workdir / "results.md").exists()
