@@ -43,8 +43,8 @@ def lm_task(model_cfg: GPTConfig, mesh=None, microbatches: int = 1,
     "load_balance" and "z_loss") are added as `weight * value` for every name in
     `aux_weights` (missing names weigh 0); every auxiliary loss and metric is logged as
     `aux/<name>`. Only training adds them: the evaluation loss is the LM loss alone, so
-    models with and without auxiliary losses compare. Non-parameter variables (e.g. the MoE router's balancing bias) are the
-    task's model state, updated by training steps only."""
+    models with and without auxiliary losses compare. Non-parameter variables (e.g. the MoE
+    router's balancing bias) are the task's model state, updated by training steps only."""
     model = GPT(model_cfg)
     weights = dict(aux_weights or {})
     piped = mesh is not None and mesh.shape["pipeline"] > 1
