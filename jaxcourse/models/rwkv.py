@@ -75,8 +75,10 @@ def _chunked(r, k, v, w, u, S0, chunk):
     r, k, v, w = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (r, k, v, w))
     nc = r.shape[1] // chunk
     r, k, v, w = (x.reshape(b, nc, chunk, h, x.shape[-1]) for x in (r, k, v, w))
-    a = jnp.cumsum(w, axis=2)          # decay from the chunk start through step t
-    a_before = a - w                   # ... through step t - 1
+    a = jnp.cumsum(w, axis=2)          # log decay from the chunk start through step t
+    # ... through step t - 1, shifted rather than a - w: then a_before_t - a_{t-1} is exactly
+    # 0 however large |a| grows (a - w loses the low bits of w when decays are strong).
+    a_before = jnp.pad(a[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
     # Token s < t reaches token t decayed by exp(a_before_t - a_s) (<= 1).
     strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)[:, :, None, None]
     diff = a_before[:, :, :, None] - a[:, :, None, :]          # [b, c, t, s, h, K]
