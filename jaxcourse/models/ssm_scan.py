@@ -13,9 +13,12 @@ gradients):
     "sequential"   a lax.scan over time: the reference, O(state) memory per step.
     "associative"  lax.associative_scan over (decay, input) pairs: O(log L) depth, the whole
                    [B, L, D, N] state sequence in memory.
-    "chunked"      a lax.scan over chunks whose body is an associative scan over the chunk
-                   and is recomputed in the backward (jax.checkpoint): the backward keeps
-                   only one state per chunk.  The default.
+    "chunked"      a lax.scan over chunks whose body, the chunk's steps unrolled, is
+                   recomputed in the backward (jax.checkpoint): the backward keeps only one
+                   state per chunk. The default. Unrolled, XLA fuses a chunk into a few
+                   loops; on the 2-core CPU a 4-layer Mamba LM step (d_model 128, state 16,
+                   context 64, batch 12) took 384 ms with chunk 8 against 455 ms with an
+                   associative scan inside the chunk and ~890 ms with "associative".
 
 SSD (Dao & Gu 2024, "Transformers are SSMs", Listing 1) has one scalar decay per head, so a
 chunk is a masked matmul (the "diagonal blocks") and states pass between chunks:
@@ -65,7 +68,7 @@ def _pad_time(x, multiple: int):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, impl: str = "chunked", chunk: int = 16,
+                   return_last_state=False, *, impl: str = "chunked", chunk: int = 8,
                    initial_state=None):
     """y [b, l, dim] (and the last state [b, dim, n] if asked) of the selective SSM.
 
@@ -125,16 +128,11 @@ def _combine(left, right):
     return a1 * a2, a2 * b1 + b2
 
 
-def _local_states(u, delta, A, B, h0, axis):
-    """States h_t of h_t = exp(delta A) h_{t-1} + delta u B along `axis`, from h0."""
+def _associative(u, delta, A, B, C, h0):
     decay = jnp.exp(delta[..., None] * A)
     inputs = (delta * u)[..., None] * B
-    decay_cum, states = jax.lax.associative_scan(_combine, (decay, inputs), axis=axis)
-    return states + decay_cum * jnp.expand_dims(h0, axis)
-
-
-def _associative(u, delta, A, B, C, h0):
-    h_BxLxDxN = _local_states(u, delta, A, B, h0, axis=1)
+    decay_cum, h_BxLxDxN = jax.lax.associative_scan(_combine, (decay, inputs), axis=1)
+    h_BxLxDxN = h_BxLxDxN + decay_cum * h0[:, None]
     return jnp.sum(h_BxLxDxN * C, axis=-1), h_BxLxDxN[:, -1]
 
 
@@ -153,8 +151,13 @@ def _chunked(u, delta, A, B, C, h0, chunk):
     @jax.checkpoint
     def body(h_BxDxN, xs):
         u_c, d_c, B_c, C_c = xs
-        h_BxQxDxN = _local_states(u_c, d_c, A, B_c, h_BxDxN, axis=1)
-        return h_BxQxDxN[:, -1], jnp.sum(h_BxQxDxN * C_c, axis=-1)
+        decay = jnp.exp(d_c[..., None] * A)
+        inputs = (d_c * u_c)[..., None] * B_c
+        ys = []
+        for i in range(chunk):
+            h_BxDxN = decay[:, i] * h_BxDxN + inputs[:, i]
+            ys.append(jnp.sum(h_BxDxN * C_c[:, i], axis=-1))
+        return h_BxDxN, jnp.stack(ys, axis=1)
 
     last, y = jax.lax.scan(body, h0, [split(x) for x in (u, delta, B, C)])
     y = jnp.moveaxis(y, 0, 1).reshape(b, n_chunks * chunk, dim)
