@@ -56,7 +56,7 @@ def test_wkv6_chunked_equals_the_recurrence_in_values_and_gradients(decay_scale)
                                                      has_aux=True))(*args)
         return out + grads
 
-    for got, ref in zip(run("chunked"), run("recurrent")):
+    for got, ref in zip(run("chunked"), run("recurrent"), strict=True):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
 
@@ -80,10 +80,10 @@ def test_retention_modes_agree_with_each_other_and_the_naive_reference():
     for mode in retnet.RETENTION_MODES:
         fn = jax.jit(lambda q, k, v, mode=mode: retnet.retention(q, k, v, mode=mode, chunk=8))
         np.testing.assert_allclose(fn(q, k, v), ref, rtol=1e-5, atol=2e-5, err_msg=mode)
-        grads[mode] = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))),
+        grads[mode] = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a))),
                                        argnums=(0, 1, 2)))(q, k, v)
     for mode in ("recurrent", "chunkwise"):
-        for g, g_ref in zip(grads[mode], grads["parallel"]):
+        for g, g_ref in zip(grads[mode], grads["parallel"], strict=True):
             np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=2e-5, err_msg=mode)
 
 
@@ -109,8 +109,7 @@ def test_rwkv_and_retnet_decode_from_a_constant_size_state(mixer, options):
 
 
 def test_rwkv_channel_mix_ffn_is_causal():
-    cfg = GPTConfig(**dict(TINY, n_layer=1), mixer="rwkv", ffn="rwkv_cmix",
-                    options={"rwkv": {"chunk": 4, "mix_rank": 4, "decay_rank": 4}})
+    cfg = GPTConfig(**dict(TINY, n_layer=1), ffn="rwkv_cmix")
     params = init_params(cfg)
     assert params["blocks"]["layer_0"]["rwkv_cmix"]["key"]["kernel"].shape == (16, 64)
     emb = params["embed"]["embedding"]

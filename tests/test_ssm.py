@@ -54,8 +54,9 @@ def test_selective_scan_computes_the_reference_function_channels_last(groups):
     kw = _scan_inputs(groups)
     y, last = ssm.selective_scan(**kw, delta_softplus=True, return_last_state=True,
                                  impl="sequential")
-    to_first = {k: np.moveaxis(np.asarray(v, np.float64), 1, -1) if k in "u delta z B C"
-                .split() else np.asarray(v, np.float64) for k, v in kw.items()}
+    time_axis = ("u", "delta", "z", "B", "C")
+    to_first = {k: np.moveaxis(np.asarray(v, np.float64), 1, -1) if k in time_axis
+                else np.asarray(v, np.float64) for k, v in kw.items()}
     y_ref, last_ref = _ref_channels_first(**to_first)
     np.testing.assert_allclose(y, np.moveaxis(y_ref, -1, 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last, last_ref, rtol=1e-5, atol=1e-5)
@@ -116,7 +117,7 @@ def test_ssd_chunked_equals_the_recurrence(groups, l):
         argnums=(0, 1, 2, 3, 4), has_aux=True))
     (_, got), g_got = chunked(X, A, B, C, S0)
     (_, ref), g_ref = plain(X, A, B, C, S0)
-    for a, r in zip(got + g_got, ref + g_ref):
+    for a, r in zip(got + g_got, ref + g_ref, strict=True):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=2e-5)
 
 

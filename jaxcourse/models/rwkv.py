@@ -44,7 +44,7 @@ def wkv6(r, k, v, w, u, scale=1.0, initial_state=None, *, impl: str = "chunked",
     _check(r, k, v, w, u)
     if impl not in WKV_IMPLS:
         raise UserError(f"wkv6 impl={impl!r} is not one of {', '.join(WKV_IMPLS)}")
-    b, l, h, dk = r.shape
+    b, _, h, dk = r.shape
     dtype_in = v.dtype
     r, k, v, w, u = (x.astype(jnp.float32) for x in (r, k, v, w, u))
     r = r * scale
@@ -69,7 +69,7 @@ def _recurrent(r, k, v, w, u, S0):
 
 
 def _chunked(r, k, v, w, u, S0, chunk):
-    b, l, h, dk = r.shape
+    b, l, h, _ = r.shape
     chunk = min(chunk, 1 << max(l - 1, 0).bit_length())
     pad = -l % chunk  # identity steps: w = 0 (decay 1), k = v = 0
     r, k, v, w = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (r, k, v, w))

@@ -78,7 +78,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     if impl not in SCAN_IMPLS:
         raise UserError(f"selective_scan impl={impl!r} is not one of {', '.join(SCAN_IMPLS)}")
-    b, l, dim = u.shape
+    b, _, dim = u.shape
     if A.ndim != 2 or A.shape[0] != dim or delta.shape != u.shape:
         raise UserError(f"selective_scan: u {u.shape}, delta {delta.shape} and A {A.shape} "
                         "must be [b, l, dim], [b, l, dim] and [dim, state]")
@@ -239,7 +239,7 @@ def ssd(X, A, B, C, chunk, initial_states=None):
 def ssd_reference(X, A, B, C, initial_states=None):
     """The plain recurrence S_t = exp(A_t) S_{t-1} + X_t B_t^T, Y_t = S_t C_t (the oracle)."""
     _check_ssd(X, A, B, C)
-    b, l, h, p = X.shape
+    b, _, h, p = X.shape
     B, C = _heads(B.astype(jnp.float32), h), _heads(C.astype(jnp.float32), h)
     S0 = (jnp.zeros((b, h, p, B.shape[-1]), jnp.float32) if initial_states is None
           else initial_states.astype(jnp.float32))
