@@ -32,11 +32,17 @@ from jaxcourse.errors import UserError
 
 MIXERS: dict[str, str | type] = {
     "attention": "jaxcourse.models.attention:Attention",
+    "s4d": "jaxcourse.models.ssm:S4D",
+    "mamba": "jaxcourse.models.ssm:Mamba",
+    "mamba2": "jaxcourse.models.ssm:Mamba2",
+    "rwkv": "jaxcourse.models.rwkv:RWKV6TimeMix",
+    "retnet": "jaxcourse.models.retnet:MultiScaleRetention",
 }
 FFNS: dict[str, str | type] = {
     "mlp": "jaxcourse.models.layers:MLP",
     "swiglu": "jaxcourse.models.layers:SwiGLU",
     "moe": "jaxcourse.models.moe:MoE",
+    "rwkv_cmix": "jaxcourse.models.rwkv:RWKVChannelMix",
 }
 _TABLES = {"mixer": MIXERS, "ffn": FFNS}
 
