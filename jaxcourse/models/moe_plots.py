@@ -48,7 +48,7 @@ def plot_traffic(traffic_LxDxE: np.ndarray, domains: list[str], path: pathlib.Pa
         ax.set_title(f"layer {layer}")
     axes[0, 0].set_ylabel("domain")
     fig.colorbar(im, ax=axes[0].tolist(), label="share of the domain's assignments")
-    fig.suptitle("ch7 MoE: token-to-expert traffic by domain")
+    fig.suptitle("ch7 MoE: token-to-expert traffic by domain", y=1.06)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
