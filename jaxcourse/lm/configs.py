@@ -26,6 +26,19 @@ def small_gpt(**overrides) -> ml_collections.ConfigDict:
     return model_section(**{**SMALL_GPT, **overrides})
 
 
+def adamw_cosine(o: ml_collections.ConfigDict, lr: float) -> ml_collections.ConfigDict:
+    """The small GPTs' optimizer: AdamW (b2 0.99, weight decay 0.1), 100 warmup steps then
+    cosine decay, gradient clipping at 1; sets the `optimizer` section `o` in place."""
+    o.name = "adamw"
+    o.lr = lr
+    o.schedule = "warmup_cosine"
+    o.warmup_steps = 100
+    o.weight_decay = 0.1
+    o.b2 = 0.99
+    o.clip_norm = 1.0
+    return o
+
+
 def char_gpt_config(preset: str) -> ml_collections.ConfigDict:
     """Chapter 3: a character-level GPT on the stdlib corpus; smoke / cpu / gpu presets."""
     cfg = config.base_config()
@@ -51,14 +64,7 @@ def char_gpt_config(preset: str) -> ml_collections.ConfigDict:
     t.eval_every = 250
     t.log_every = 50
     t.steps_per_call = 10
-    o = cfg.optimizer
-    o.name = "adamw"
-    o.lr = 2e-3
-    o.schedule = "warmup_cosine"
-    o.warmup_steps = 100
-    o.weight_decay = 0.1
-    o.b2 = 0.99
-    o.clip_norm = 1.0
+    o = adamw_cosine(cfg.optimizer, lr=2e-3)
     if preset == "smoke":
         cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
         cfg.lm.update(max_chars=50_000, eval_tokens=512, sample_tokens=8, attention_len=12,
@@ -114,16 +120,9 @@ def pretrain_config(preset: str) -> ml_collections.ConfigDict:
     t.eval_every = 250
     t.log_every = 50
     t.steps_per_call = 50
-    o = cfg.optimizer
-    o.name = "adamw"
-    o.lr = 1e-3
-    o.schedule = "warmup_cosine"
-    o.warmup_steps = 100
+    o = adamw_cosine(cfg.optimizer, lr=1e-3)
     o.min_lr_ratio = 0.1
-    o.weight_decay = 0.1
     o.b1 = 0.9
-    o.b2 = 0.99
-    o.clip_norm = 1.0
     if preset == "smoke":
         cfg.model.update(context=16, n_layer=1, n_head=2, d_model=32)
         cfg.lm.update(max_chars=20_000, eval_batches=4, monitor_batches=0, sample_tokens=8)
@@ -179,14 +178,7 @@ def moe_config(preset: str) -> ml_collections.ConfigDict:
     t.eval_every = 300
     t.log_every = 50
     t.steps_per_call = 10
-    o = cfg.optimizer
-    o.name = "adamw"
-    o.lr = 2e-3
-    o.schedule = "warmup_cosine"
-    o.warmup_steps = 100
-    o.weight_decay = 0.1
-    o.b2 = 0.99
-    o.clip_norm = 1.0
+    o = adamw_cosine(cfg.optimizer, lr=2e-3)
     if preset == "smoke":
         cfg.model.update(context=16, n_layer=2, n_head=2, d_model=32)
         m.n_experts = 4
