@@ -30,6 +30,10 @@ def test_smoke_writes_records(tmp_path):
     assert set(cells) == {(i, p) for i in ("ragged_dot", "pallas", "dense")
                           for p in ("fwd", "fwd_bwd")}
     for record in cells.values():
-        assert "error" not in record and record["tflops"] > 0
+        assert "error" not in record, record
+    # The timed programs computed the right numbers: bf16 outputs of order 1 round by ~1e-2;
+    # a wrong group or tile is off by O(1).
+    for impl in ("ragged_dot", "pallas"):
+        assert cells[(impl, "fwd")]["max_abs_err"] < 5e-2, cells[(impl, "fwd")]
         assert (record["m"], record["k"], record["n"], record["groups"]) == (200, 64, 64, 3)
     assert cells["pallas", "fwd"]["max_abs_err"] < 0.1   # bf16 output of |values| ~ 3
