@@ -185,6 +185,23 @@ def test_bf16_matmul_backward_compiles_to_bf16_dots(m, k):
         np.testing.assert_allclose(got, want, atol=0.05 * float(jnp.max(jnp.abs(want))))
 
 
+def test_auto_matmul_follows_the_cpu_flags():
+    """matmul="auto" is bf16 exactly where the hardware multiplies bf16 natively: an AMD EPYC
+    without AVX512-BF16 ran the bf16 preset 1.4x slower than f32 (BENCHMARKS.md)."""
+    from jaxcourse.models.layers import bf16_dot_general, cpu_multiplies_bf16, native_bf16_matmul
+
+    zen3 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    assert not cpu_multiplies_bf16(zen3)
+    assert cpu_multiplies_bf16(zen3.replace("avx512bw", "avx512bw avx512_bf16"))
+    assert cpu_multiplies_bf16(zen3.replace("avx512bw", "amx_tile amx_bf16"))
+    assert cpu_multiplies_bf16("Features\t: fp asimd bf16 i8mm\n")  # Arm (Graviton 3)
+    auto = dataclasses.replace(TINY, matmul="auto").dot_general
+    assert auto is (bf16_dot_general if native_bf16_matmul() else None)
+    assert dataclasses.replace(TINY, matmul="bfloat16").dot_general is bf16_dot_general
+    with pytest.raises(UserError, match="matmul"):
+        dataclasses.replace(TINY, matmul="fp8")
+
+
 def test_parameters_carry_logical_axis_names():
     tokens = _tokens()
     for cfg, path in [(TINY, ("blocks", "layer_0")),

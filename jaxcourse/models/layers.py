@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,9 @@ import jax.numpy as jnp
 from jaxcourse.errors import UserError
 
 NORMS = ("rmsnorm", "layernorm")
+# CPU flags (/proc/cpuinfo) of instructions that multiply bfloat16 natively: AVX512-BF16 and
+# AMX on x86, BF16 on Arm. Without them XLA emulates a bf16 dot and it is slower than f32.
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 NORM_IMPLS = ("flax", "pallas")
 
 
@@ -55,6 +59,27 @@ def _bf16_matmul_bwd(x_dtype, res, g_MxN):
 
 
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def cpu_multiplies_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo text lists one of `_BF16_CPU_FLAGS`."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return any(f in flags for f in _BF16_CPU_FLAGS)
+
+
+@functools.cache
+def native_bf16_matmul() -> bool:
+    """Whether the default backend multiplies bfloat16 natively: every GPU and TPU, and a CPU
+    with one of `_BF16_CPU_FLAGS` (read on Linux; elsewhere a CPU counts as without)."""
+    if jax.default_backend() != "cpu":
+        return True
+    try:
+        return cpu_multiplies_bf16(pathlib.Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return False
 
 
 def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

@@ -31,7 +31,7 @@ from jaxcourse.models import registry
 from jaxcourse.models.attention import ATTENTION_IMPLS
 from jaxcourse.models.block import Stack, init_stack_cache
 from jaxcourse.models.layers import (NORM_IMPLS, NORMS, Embed, Norm, bf16_dot_general,
-                                     partitioned, sinusoidal_table)
+                                     native_bf16_matmul, partitioned, sinusoidal_table)
 
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -61,7 +61,9 @@ class GPTConfig:
     window: int = 0                # Sliding-window size; 0: full causal attention.
     dtype: str = "float32"         # Compute dtype; parameters stay float32.
     matmul: str = ""               # "": in `dtype`; "bfloat16": Dense matmuls (forward and
-                                   # backward) in bf16 with f32 accumulation (layers.py).
+                                   # backward) in bf16 with f32 accumulation (layers.py);
+                                   # "auto": bfloat16 where the hardware multiplies bf16
+                                   # natively (layers.native_bf16_matmul), else "".
     tie_embeddings: bool = True
     bias: bool = False             # Biases in attention / MLP projections.
     remat: str = ""                # "": off; "full"; or a jax.checkpoint_policies name.
@@ -84,7 +86,7 @@ class GPTConfig:
         _check_choice("pos", self.pos, POSITIONS)
         _check_choice("attention", self.attention, ATTENTION_IMPLS)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
-        _check_choice("matmul", self.matmul, ("", "bfloat16"))
+        _check_choice("matmul", self.matmul, ("", "bfloat16", "auto"))
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -136,6 +138,8 @@ class GPTConfig:
 
     @property
     def dot_general(self):
+        if self.matmul == "auto":
+            return bf16_dot_general if native_bf16_matmul() else None
         return bf16_dot_general if self.matmul == "bfloat16" else None
 
 
