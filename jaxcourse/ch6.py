@@ -18,13 +18,12 @@ import json
 import pathlib
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from jaxcourse import cli, config
 from jaxcourse.errors import UserError
-from jaxcourse.lm import lm_task
+from jaxcourse.lm import lm_task, with_axis_names
 from jaxcourse.models.transformer import gpt_config
 from jaxcourse.rl import grpo, lm_ppo, lm_tasks, plots, reward_model
 from jaxcourse.rl.grpo import GRPOConfig
@@ -134,7 +133,7 @@ def sft_start(cfg, workdir: pathlib.Path):
     model_cfg = gpt_config(cfg.model)
     data = lm_tasks.SFTData(task, cfg.train.batch_size, cfg.train.seed)
     state, _ = train(lm_task(model_cfg), cfg, workdir / "sft", data)
-    return model_cfg, task, nn.meta.unbox(state.params)
+    return model_cfg, task, state.params
 
 
 def _rl_train(task, cfg, workdir: pathlib.Path, steps: int, inner_steps: int) -> tuple:
@@ -166,7 +165,9 @@ def _grpo_parts(cfg, model_cfg, task):
 
 def _grpo_task(cfg, model_cfg, gc, task, params):
     step = lambda tx: grpo.make_grpo_step(model_cfg, gc, task, task.reward, tx)  # noqa: E731
-    return grpo.policy_task(step, params, params, seed=cfg.train.seed + 1)
+    # Boxed with the GPT's axis names: on an fsdp/tensor mesh the loop shards the policy.
+    return grpo.policy_task(step, with_axis_names(model_cfg, params), params,
+                            seed=cfg.train.seed + 1)
 
 
 def run_grpo(cfg, workdir: pathlib.Path) -> dict:
@@ -187,7 +188,7 @@ def _reward_model(cfg, model_cfg, task, workdir: pathlib.Path):
     data = reward_model.PreferenceData(task, cfg.train.batch_size, cfg.train.seed + 10)
     state, _ = train(reward_model.reward_model_task(model_cfg), rm_cfg, workdir / "reward_model",
                      data)
-    params = nn.meta.unbox(state.params)
+    params = state.params
     held_out = reward_model.PreferenceData(task, cfg.train.batch_size, cfg.train.seed + 99)
     acc = []
     for i in range(cfg.rlhf.rm_eval_batches):

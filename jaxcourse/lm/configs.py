@@ -44,6 +44,9 @@ def char_gpt_config(preset: str) -> ml_collections.ConfigDict:
     cfg = config.base_config()
     cfg.data.name = "stdlib"
     cfg.model = small_gpt()
+    # One device, as the chapter's numbers were measured; shard with e.g.
+    # --config.mesh.devices=0 --config.mesh.fsdp=-1 (or tensor=-1).
+    cfg.mesh = mesh_config(devices=1)
     cfg.lm = {
         "max_chars": 0,
         "val_fraction": 0.1,

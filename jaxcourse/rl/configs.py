@@ -8,6 +8,7 @@ import ml_collections
 
 from jaxcourse import config
 from jaxcourse.models.transformer import model_section
+from jaxcourse.parallel.mesh import mesh_config
 from jaxcourse.rl import lm_tasks
 from jaxcourse.rl.grpo import GRPOConfig
 from jaxcourse.rl.ppo import PPOConfig
@@ -46,6 +47,9 @@ def grpo_config(preset: str) -> ml_collections.ConfigDict:
     cfg.model = model_section(vocab_size=len(lm_tasks.VOCAB), context=8, n_layer=2, n_head=4,
                               d_model=64, pos="learned", norm="layernorm")
     cfg.task = {"p_correct": 0.3, "max_digit": 4}  # 25 prompts "a+b=" with a, b in 0..4
+    # One device by default (a 2x64 GPT gains nothing from more); shard the SFT and GRPO
+    # phases with e.g. --config.mesh.devices=0 --config.mesh.fsdp=-1.
+    cfg.mesh = mesh_config(devices=1)
     fields = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
     cfg.grpo = {**fields, "steps": 60, "eval_samples": 8, "log_every": 5}
     t = cfg.train  # the SFT phase (shared loop)
