@@ -11,13 +11,18 @@ hidden size 2048 (32 heads of 64 or 16 heads of 128). FLOPs counted as there: fo
 Each cell also records the largest difference from the XLA result (output and dq), so the
 first GPU run doubles as a correctness check of the compiled kernels.
 
-    python benchmarks/attention.py [--out BENCHMARKS_attention.md] [--seqs 1024,2048,...]
+    python benchmarks/attention.py [--table attention.md] [--out FILE.json] [--seqs 1024,...]
     python benchmarks/attention.py --smoke     # CPU: a tiny interpret-mode shape, tests the script
+
+Raw JSON (benchmarks/records.py format) goes to benchmarks/results/ or --out: one record per
+implementation and cell, {"kernel": "attention", "impl", "head_dim", "seq", "batch", "heads",
+"causal", "dtype", "fwd_tflops", "fwd_bwd_tflops", "max_abs_err"} ("error" when it failed).
 
 Without a GPU (and without --smoke) it refuses: CPU timings of interpret mode mean nothing.
 """
 import argparse
 import datetime
+import pathlib
 import statistics
 import sys
 import time
@@ -25,7 +30,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-import pallas_kernels as pk
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import pallas_kernels as pk  # noqa: E402
+import records as records_lib  # noqa: E402  (benchmarks/records.py)
 
 TOKENS, HIDDEN = 16384, 2048
 
@@ -128,19 +135,34 @@ def table(results, names, header):
     return "\n".join(lines) + "\n"
 
 
+def json_records(results) -> list[dict]:
+    """One record per (cell, implementation) of `measure`'s rows."""
+    out = []
+    for (dim, seq, causal), ((batch, heads), row) in results:
+        for impl, cell in row.items():
+            record = {"kernel": "attention", "impl": impl, "head_dim": dim, "seq": seq,
+                      "batch": batch, "heads": heads, "causal": causal, "dtype": "bfloat16",
+                      "fwd_tflops": None, "fwd_bwd_tflops": None, "max_abs_err": None}
+            if isinstance(cell, tuple):
+                record.update(fwd_tflops=cell[0], fwd_bwd_tflops=cell[1], max_abs_err=cell[2])
+            else:
+                record["error"] = cell
+            out.append(record)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default="", help="also write the markdown table here")
+    parser.add_argument("--table", default="", help="also write the markdown table here")
+    parser.add_argument("--out", default="", help="JSON path (default: benchmarks/results/)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape in interpret mode on CPU: tests the script, not speed")
     args = parser.parse_args(argv)
+    records_lib.require_gpu("attention.py", args.smoke)
     device = jax.devices()[0]
-    if device.platform != "gpu" and not args.smoke:
-        sys.exit(f"benchmarks/attention.py: no GPU (jax backend is {device.platform!r}); "
-                 "run it on a GPU, or pass --smoke to exercise the script on a tiny shape")
     impls = implementations(args.smoke)
     if args.smoke:
         grid = [(64, 128, True)]
@@ -161,9 +183,10 @@ def main(argv=None):
                       "performance.")
     text = table(results, list(impls), header)
     print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+    if args.table:
+        with open(args.table, "w", encoding="utf-8") as f:
             f.write(text)
+    records_lib.write("attention", json_records(results), args.smoke, args.out)
     return results
 
 

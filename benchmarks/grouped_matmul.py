@@ -17,7 +17,6 @@ record per cell: {"kernel": "grouped_matmul", "impl", "pass": "fwd" | "fwd_bwd",
 Without a GPU (and without --smoke) it refuses: CPU timings of interpret mode mean nothing.
 """
 import argparse
-import datetime
 import json
 import pathlib
 import statistics
@@ -28,14 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.grouped_matmul import BlockSizes, grouped_matmul
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import records as records_lib  # noqa: E402  (benchmarks/records.py)
+from pallas_kernels.grouped_matmul import BlockSizes, grouped_matmul  # noqa: E402
 
 # (M, K, N, G): Mixtral-like (8 experts, d 4096 -> 14336 split), DeepSeek-like fine-grained
 # (64 experts of width 1408 on d 2048), and a square mid-size case.
 SHAPES = [(16384, 4096, 2048, 8), (16384, 2048, 1408, 64), (8192, 4096, 4096, 16)]
 SMOKE_SHAPE = (200, 64, 64, 3)
 SMOKE_BLOCKS = BlockSizes(block_m=64, block_n=64, block_k=64, num_stages=2)
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def implementations(smoke):
@@ -92,8 +92,7 @@ def measure(impls, shape, dtype, repeats):
                     got = fwd(lhs, rhs, sizes).astype(jnp.float32)
                     record["max_abs_err"] = float(jnp.max(jnp.abs(got - want)))
             except Exception as err:  # pylint: disable=broad-except
-                lines = str(err).strip().splitlines()
-                record["error"] = (lines[0] if lines else type(err).__name__)[:120]
+                record["error"] = records_lib.error_line(err)
             records.append(record)
             print(f"done {name} {pass_} {shape}: {record['tflops']}", file=sys.stderr)
     return records
@@ -106,23 +105,13 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape in interpret mode on CPU: tests the script, not speed")
     args = parser.parse_args(argv)
-    device = jax.devices()[0]
-    if device.platform != "gpu" and not args.smoke:
-        sys.exit(f"benchmarks/grouped_matmul.py: no GPU (jax backend is {device.platform!r}); "
-                 "run it on a GPU, or pass --smoke to exercise the script on a tiny shape")
+    records_lib.require_gpu("grouped_matmul.py", args.smoke)
     impls = implementations(args.smoke)
     records = []
     for shape in [SMOKE_SHAPE] if args.smoke else SHAPES:
         records += measure(impls, shape, jnp.bfloat16, 1 if args.smoke else args.repeats)
-    result = {"device_kind": device.device_kind, "jax": jax.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "smoke": args.smoke, "records": records}
-    out = pathlib.Path(args.out) if args.out else RESULTS / (
-        f"grouped_matmul_{'smoke_' if args.smoke else ''}{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {len(records)} records to {out}")
-    return result
+    path = records_lib.write("grouped_matmul", records, args.smoke, args.out)
+    return json.loads(path.read_text())
 
 
 if __name__ == "__main__":

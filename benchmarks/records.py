@@ -1,0 +1,42 @@
+"""The raw-JSON format every GPU benchmark writes, and the refusal to time interpret mode on CPU.
+
+One file per measurement under benchmarks/results/ (or --out):
+    {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "date": ISO UTC,
+     "smoke": bool, "benchmark": name, "records": [one dict per measured cell]}
+BENCHMARKS.md's GPU tables are filled in from these files.
+"""
+import datetime
+import json
+import pathlib
+import sys
+
+import jax
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def require_gpu(script: str, smoke: bool) -> None:
+    """Exits with one line unless a GPU is present or this is a --smoke run."""
+    platform = jax.devices()[0].platform
+    if platform != "gpu" and not smoke:
+        sys.exit(f"benchmarks/{script}: no GPU (jax backend is {platform!r}); run it on a GPU, "
+                 "or pass --smoke to exercise the script on a tiny shape")
+
+
+def write(name: str, records: list[dict], smoke: bool, out: str = "") -> pathlib.Path:
+    """Writes the records with the device, jax version and date; returns the path."""
+    result = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "smoke": smoke, "benchmark": name, "records": records}
+    path = pathlib.Path(out) if out else RESULTS / (
+        f"{name}_{'smoke_' if smoke else ''}{datetime.date.today().isoformat()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {len(records)} records to {path}")
+    return path
+
+
+def error_line(err: Exception) -> str:
+    """The first line of an exception, short enough for a record or a table cell."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:120]
