@@ -40,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
             "precision": "float32",  # or "bfloat16": params stay f32, compute in bf16.
             "ema_decay": 0.0,      # 0 = no EMA parameters.
             "patience": 0,         # early stopping: evals without a better eval loss; 0 = off.
+            "profile_steps": "",   # "a:b": jax.profiler trace of steps a..b in workdir/profile.
+        },
+        "log": {
+            "tensorboard": False,  # also write TensorBoard event files to workdir/tensorboard.
+            "wandb": "",           # a W&B project name: also log there (needs wandb installed).
         },
         "optimizer": {
             "name": "adamw",

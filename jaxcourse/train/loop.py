@@ -28,6 +28,7 @@ from jaxcourse.parallel.rules import without_rules
 from jaxcourse.train.checkpoint import Checkpointer
 from jaxcourse.train.metrics import MetricsWriter
 from jaxcourse.train.optim import make_optimizer
+from jaxcourse.train.profile import StepProfiler, parse_steps
 from jaxcourse.train.state import TrainState
 # Re-exported: the loop's public pieces were imported from here before step.py existed.
 from jaxcourse.train.step import (PRECISIONS, Task, compile_train_step, evaluate,  # noqa: F401
@@ -52,6 +53,7 @@ def _validate(task: Task, cfg, has_eval: bool) -> None:
                           f"train.grad_accum={tc.grad_accum}")
     if not 0.0 <= tc.ema_decay < 1.0:
         raise ConfigError(f"config key train.ema_decay must be in [0, 1), got {tc.ema_decay}")
+    parse_steps(tc.get("profile_steps", ""))
     if task.loss is None and (task.update is None or has_eval):
         raise UserError("the Task has no loss: it needs one for eval and for the default "
                         "gradient step (or an `update` and no eval data)")
@@ -137,8 +139,13 @@ class _Run:
             _warn_config_changes(meta.get("config", {}), _flat_config(cfg))
         self.last_saved = self.start if restored else None
         self.main = jax.process_index() == 0  # With several processes, one writes the logs.
-        self.writer = (MetricsWriter(workdir, resume_step=self.start if restored else None)
+        log = cfg.get("log") or {}
+        self.writer = (MetricsWriter(workdir, resume_step=self.start if restored else None,
+                                     tensorboard=log.get("tensorboard", False),
+                                     wandb_project=log.get("wandb", ""),
+                                     config=_flat_config(cfg))
                        if self.main else None)
+        self.profiler = StepProfiler(tc.get("profile_steps", ""), workdir, enabled=self.main)
         self.multi_step = jit_steps(task, self.tx, cfg, self.plan, shardings)
         self.eval_fn = make_eval_fn(task, tc.seed) if eval_data is not None else None
         if self.eval_fn is not None and self.plan is not None:
@@ -211,7 +218,9 @@ class _Run:
         is_eval = self.eval_fn is not None and (
             end == tc.steps or (tc.eval_every > 0 and end % tc.eval_every == 0))
         is_ckpt = end == tc.steps or (every > 0 and end % every == 0)
+        self.profiler.before(self.start, end)
         loss = self.chunk(end, fetch=logged or is_eval or is_ckpt)
+        self.profiler.after(end, self.state)
         if logged and self.main:
             self.writer.write(end, self.train_row)
         if is_eval:
@@ -257,6 +266,9 @@ def train(task: Task, cfg, workdir: pathlib.Path, train_data,
             jax.block_until_ready(run.state.step)
             run.t_end = time.perf_counter()
         finally:
+            run.profiler.stop()
             run.progress.close()
             run.ckpt.wait()
+            if run.writer is not None:
+                run.writer.close()
     return run.state, run.summary()
