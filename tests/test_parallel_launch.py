@@ -94,3 +94,13 @@ def _ends_soon(pid: int, limit: float = 2.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_distributed_timeouts_from_environment(monkeypatch):
+    monkeypatch.delenv("JAXCOURSE_HEARTBEAT_TIMEOUT", raising=False)
+    assert distributed.timeouts()["heartbeat_timeout_seconds"] == distributed.HEARTBEAT_TIMEOUT
+    monkeypatch.setenv("JAXCOURSE_SHUTDOWN_TIMEOUT", "7")
+    assert distributed.timeouts()["shutdown_timeout_seconds"] == 7
+    monkeypatch.setenv("JAXCOURSE_HEARTBEAT_TIMEOUT", "0")
+    with pytest.raises(UserError, match="JAXCOURSE_HEARTBEAT_TIMEOUT='0' must be a whole number"):
+        distributed.timeouts()
