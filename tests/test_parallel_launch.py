@@ -1,6 +1,7 @@
 """Multi-process plumbing without jax: the launcher's environments, exit codes, env parsing."""
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -104,3 +105,18 @@ def test_distributed_timeouts_from_environment(monkeypatch):
     monkeypatch.setenv("JAXCOURSE_HEARTBEAT_TIMEOUT", "0")
     with pytest.raises(UserError, match="JAXCOURSE_HEARTBEAT_TIMEOUT='0' must be a whole number"):
         distributed.timeouts()
+
+
+def test_launcher_passes_its_sigterm_on_and_exits_143():
+    script = ("import os, time\n"
+              "print('up', os.getpid(), flush=True)\n"
+              "time.sleep(60)\n")
+    launcher = subprocess.Popen([sys.executable, str(REPO / "tpu_gpu_launch" / "local.py"),
+                                 "--processes", "2", "--", sys.executable, "-c", script],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = [int(launcher.stdout.readline().split()[-1]) for _ in range(2)]
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=20)
+    assert launcher.returncode == 143, err
+    assert "got SIGTERM; stopping the others" in err
+    assert all(_ends_soon(pid) for pid in pids)
