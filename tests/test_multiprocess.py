@@ -118,7 +118,7 @@ def test_heartbeat_timeout_ends_the_survivor_without_a_launcher(victim, tmp_path
     Process 0 hosts the service, so both directions are checked."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{local.free_port()}",
-               JAX_NUM_PROCESSES="2", JAXCOURSE_HEARTBEAT_TIMEOUT="3",
+               JAX_NUM_PROCESSES="2", JAXCOURSE_HEARTBEAT_TIMEOUT="5",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     logs = [tmp_path / f"{i}.log" for i in range(2)]
     procs = []
