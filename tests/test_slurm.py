@@ -117,8 +117,9 @@ def test_two_tasks_train_like_two_local_processes(slurm_env, tmp_path):
         cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     got, want = _losses(tmp_path / "slurm"), _losses(tmp_path / "local")
+    print(f"slurm losses {got}, local.py losses {want}")
     assert len(got) == len(want) == 3
-    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-6, (got, want)
+    assert got == want  # same processes, devices and mesh: bitwise the same numbers
 
 
 def test_killing_one_task_ends_the_job_within_seconds(slurm_env, tmp_path):
