@@ -120,3 +120,16 @@ def test_launcher_passes_its_sigterm_on_and_exits_143():
     assert launcher.returncode == 143, err
     assert "got SIGTERM; stopping the others" in err
     assert all(_ends_soon(pid) for pid in pids)
+
+
+def test_processes_die_with_a_sigkilled_launcher():
+    script = ("import os, time\n"
+              "print('up', os.getpid(), flush=True)\n"
+              "time.sleep(60)\n")
+    launcher = subprocess.Popen([sys.executable, str(REPO / "tpu_gpu_launch" / "local.py"),
+                                 "--processes", "2", "--", sys.executable, "-c", script],
+                                stdout=subprocess.PIPE, text=True)
+    pids = [int(launcher.stdout.readline().split()[-1]) for _ in range(2)]
+    launcher.kill()  # it cannot stop anyone itself; the kernel does (PR_SET_PDEATHSIG).
+    launcher.wait()
+    assert all(_ends_soon(pid) for pid in pids)

@@ -15,11 +15,13 @@ Output lines are prefixed with the process id. Each process leads its own proces
 When one process fails, --timeout passes, or the launcher gets SIGINT / SIGTERM, the others
 get SIGTERM and, --grace seconds later, SIGKILL for their whole group: a survivor waiting in
 a collective for a dead peer does not end on SIGTERM (jax's preemption service catches it).
-The exit code is the first failure's (128 + N for a process killed by signal N).
+The exit code is the first failure's (128 + N for a process killed by signal N). On Linux a
+process also gets SIGKILL if the launcher itself dies.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import shutil
@@ -90,6 +92,21 @@ def parse(argv):
     return args
 
 
+def _die_with_launcher():
+    """preexec_fn: on Linux the kernel SIGKILLs the process if the launcher dies (even by
+    SIGKILL, when it cannot stop anyone itself). Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, called after.
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before prctl took effect.
+            os._exit(1)
+    return preexec
+
+
 def _signal_groups(procs, sig) -> None:
     for p in procs:
         try:
@@ -115,12 +132,12 @@ def run(argv=None) -> int:
     received = []  # a signal to the launcher stops the job like a failed process does.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: received.append(signum))
-    procs, pumps = [], []
+    procs, pumps, preexec = [], [], _die_with_launcher()
     for i in range(args.processes):
         # start_new_session: a group per process, so a stop reaches its children too.
         p = subprocess.Popen(args.command, env=child_env(os.environ, i, args), text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=preexec)
         t = threading.Thread(target=_pump, args=(p.stdout, f"[{i}] ", sys.stdout), daemon=True)
         t.start()
         procs.append(p)
