@@ -12,6 +12,13 @@ Where the settings come from:
   * Cloud TPU pods (tpu_gpu_launch/tpu_pod.sh) and anything else jax can auto-detect:
     JAXCOURSE_DISTRIBUTED=auto.
 On CPU the processes exchange collectives through gloo, standing in for NCCL / ICI.
+
+When one process dies the others must not wait for it forever (a collective with a dead
+peer never returns). The launchers stop them (local.py: SIGTERM, then SIGKILL; srun:
+--kill-on-bad-exit); as a backstop for any launcher, jax's coordination service ends every
+process whose peer has sent no heartbeat for JAXCOURSE_HEARTBEAT_TIMEOUT seconds (default
+HEARTBEAT_TIMEOUT, jax's own default is 100). The other two limits: how long a process waits
+for the others to join at start-up, and at exit.
 """
 from __future__ import annotations
 
@@ -21,6 +28,13 @@ import jax
 
 from jaxcourse.errors import UserError
 
+HEARTBEAT_TIMEOUT = 10
+INIT_TIMEOUT = 300  # the slowest process may still be importing and loading data.
+SHUTDOWN_TIMEOUT = 60  # process 0 writes the summary and plots after the last step.
+_TIMEOUTS = {"JAXCOURSE_HEARTBEAT_TIMEOUT": ("heartbeat_timeout_seconds", HEARTBEAT_TIMEOUT),
+             "JAXCOURSE_INIT_TIMEOUT": ("initialization_timeout", INIT_TIMEOUT),
+             "JAXCOURSE_SHUTDOWN_TIMEOUT": ("shutdown_timeout_seconds", SHUTDOWN_TIMEOUT)}
+
 _started = False
 
 
@@ -29,6 +43,17 @@ def _auto_detected_cluster() -> bool:
     return (env.get("JAXCOURSE_DISTRIBUTED", "") == "auto"
             or int(env.get("SLURM_NTASKS", "1")) > 1
             or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def timeouts() -> dict[str, int]:
+    """jax.distributed's heartbeat, start-up and shutdown limits in seconds (env overrides)."""
+    out = {}
+    for key, (arg, default) in _TIMEOUTS.items():
+        value = os.environ.get(key, str(default))
+        if not value.isdigit() or int(value) < 1:
+            raise UserError(f"{key}={value!r} must be a whole number of seconds >= 1")
+        out[arg] = int(value)
+    return out
 
 
 def settings() -> dict | None:
@@ -58,10 +83,11 @@ def initialize() -> bool:
     found = settings()
     if found is None:
         return False
+    limits = timeouts()
     # CPU "hosts" talk through gloo; GPUs and TPUs bring their own collectives (this flag
     # only concerns the CPU backend, so it is harmless there).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**found)
+    jax.distributed.initialize(**found, **limits)
     _started = True
     return True
 
