@@ -58,13 +58,16 @@ def test_folder_source_and_streamed_bpe_match_whole_text(tmp_path):
     (folder / ".hidden").write_text("\x00 not part of the corpus")
     assert [p.name for p in prepare.text_files(folder)] == ["b.txt", "c.txt"]
     # Chunks of whole lines, streamed: the same tokens as encoding the joined text at once.
-    assert "".join(prepare.chunks(prepare.text_files(folder), chunk_chars=100)) == TEXT
+    assert "".join(prepare.chunks([folder / "b.txt", folder / "sub" / "c.txt"], 100)) == TEXT
     prepare.prepare(folder, tmp_path / "tok", "bpe:300")
     tok, splits, meta = tokenfile.open_tokens(tmp_path / "tok", "bpe", 300)
     whole = toklib.HFByteBPE.train(TEXT, 300)
     assert tok.vocab_size == whole.vocab_size and meta["tokenizer_spec"] == "bpe:300"
     np.testing.assert_array_equal(np.concatenate([splits["train"], splits["val"]]),
                                   whole.encode(TEXT))
+    prepare.prepare(folder, folder / "tok", "char")  # into itself: its own .bin never read
+    meta = prepare.prepare(folder, folder / "tok", "char", overwrite=True)
+    assert meta["files"] == 2 and meta["characters"] == len(TEXT)
 
 
 def test_bad_inputs_are_one_line_and_destroy_nothing(tmp_path, text_file, capsys):

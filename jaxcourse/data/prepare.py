@@ -100,7 +100,10 @@ def prepare(source: str | pathlib.Path, out: str | pathlib.Path, tokenizer: str 
         raise UserError(f"--val-fraction={val_fraction} must be between 0 and 1")
     if (out / "meta.json").exists() and not overwrite:
         raise UserError(f"{out} already holds token files; pass --overwrite to replace them")
-    files = text_files(source)
+    inside = out.resolve()  # a folder prepared into itself: never read its own token files
+    files = [f for f in text_files(source) if inside not in f.resolve().parents]
+    if not files:
+        raise UserError(f"{source} holds no files to tokenize outside {out}")
     tok, requested = make_tokenizer(tokenizer, files)
     dtype = tokenfile.dtype_for(tok.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
