@@ -37,6 +37,13 @@ def test_prepare_writes_memmapped_splits(tmp_path, text_file):
     assert isinstance(c.train, np.memmap)
     b = pipeline.lm_batches(c.train, 4, 8, seed=0)[0]
     assert b["inputs"].dtype == np.int32 and b["inputs"].shape == (4, 8)
+    # An existing tokenizer file, and the lesson's BPE, make token files too.
+    prepare.prepare(text_file, tmp_path / "again", f"file:{tmp_path / 'tok' / 'tokenizer.json'}")
+    np.testing.assert_array_equal(tokenfile.open_tokens(tmp_path / "again", "char")[1]["val"],
+                                  splits["val"])
+    prepare.prepare(text_file, tmp_path / "scratch", "bpe_scratch:260")
+    tok, splits, _ = tokenfile.open_tokens(tmp_path / "scratch", "bpe_scratch", 260)
+    assert tok.vocab_size == 260 and tok.decode(np.concatenate(list(splits.values()))) == TEXT
 
 
 def test_dtype_follows_the_vocabulary(tmp_path):
@@ -61,6 +68,8 @@ def test_folder_source_and_streamed_bpe_match_whole_text(tmp_path):
     assert "".join(prepare.chunks([folder / "b.txt", folder / "sub" / "c.txt"], 100)) == TEXT
     prepare.prepare(folder, tmp_path / "tok", "bpe:300")
     tok, splits, meta = tokenfile.open_tokens(tmp_path / "tok", "bpe", 300)
+    with pytest.raises(UserError, match="made with tokenizer 'bpe:300'.*vocab_size=512"):
+        tokenfile.open_tokens(tmp_path / "tok", "bpe", 512)
     whole = toklib.HFByteBPE.train(TEXT, 300)
     assert tok.vocab_size == whole.vocab_size and meta["tokenizer_spec"] == "bpe:300"
     np.testing.assert_array_equal(np.concatenate([splits["train"], splits["val"]]),
