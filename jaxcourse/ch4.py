@@ -36,7 +36,8 @@ from jaxcourse.train import Task, train  # noqa: E402
 # Data (configs: jaxcourse.lm.configs.pretrain_config, configs/ch4_finetune.py).
 
 def load_corpus(cfg) -> Corpus:
-    """Tokens of the configured text under the configured tokenizer; lm.val_fraction held out."""
+    """Tokens of the configured text under the configured tokenizer, lm.val_fraction held
+    out; or (data.name=tokens) the memory-mapped token files in data.path."""
     return lm.load_corpus(cfg.data, tokenizer=cfg.tokenizer.name,
                           vocab_size=cfg.tokenizer.vocab_size, max_chars=cfg.lm.max_chars,
                           val_fraction=cfg.lm.val_fraction, context=cfg.model.context)

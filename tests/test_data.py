@@ -99,3 +99,68 @@ def test_cifar10_reader_and_restricted_unpickler(tmp_path):
     (tmp_path / "data_batch_3").unlink()
     with pytest.raises(UserError, match="data_batch_3"):
         sources.read_cifar10(tmp_path)
+
+
+def test_each_shard_materialises_only_its_rows():
+    """Shard i of n gets rows [i*B/n, (i+1)*B/n) of the one-process batch, and reads only
+    those: the rows a shard's source returns are counted."""
+    arrays = {"i": np.arange(40), "x": np.arange(40) * 10}
+    whole = pipeline.batches(arrays, 8, seed=1)
+    halves = [pipeline.batches(arrays, 8, 1, shard=pipeline.ShardOptions(k, 2)) for k in (0, 1)]
+    for step in (0, 3, 9):
+        got = [h[step] for h in halves]
+        assert [len(g["i"]) for g in got] == [4, 4]
+        np.testing.assert_array_equal(np.concatenate([g["x"] for g in got]), whole[step]["x"])
+
+    class Counting(np.ndarray):  # a token array that counts the elements read from it
+        read = 0
+
+        def __getitem__(self, idx):
+            Counting.read += np.size(np.asarray(idx)) if not isinstance(idx, slice) else 0
+            return np.asarray(self).__getitem__(idx)
+
+    tokens = np.arange(10_000).view(Counting)
+    lm_whole = pipeline.lm_batches(np.arange(10_000), 8, 16, seed=2)
+    lm_half = pipeline.lm_batches(tokens, 8, 16, 2, shard=pipeline.ShardOptions(1, 2))
+    b = lm_half[5]
+    assert b["inputs"].shape == (4, 16) and Counting.read == 4 * 17  # 4 windows, nothing more
+    np.testing.assert_array_equal(b["inputs"], lm_whole[5]["inputs"][4:])
+    assert pipeline.local_rows(8) == slice(0, 8)  # one process: every row
+    with pytest.raises(UserError, match="cannot be split evenly over 3"):
+        pipeline.batches(arrays, 8, 0, shard=pipeline.ShardOptions(0, 3))
+
+
+class FakeDataSource:
+    """What `tfds.data_source` returns: a length and random access to one record's features."""
+
+    def __init__(self, n, shape=(4, 4, 1)):
+        self.n, self.shape, self.reads = n, shape, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        self.reads += 1
+        return {"image": np.full(self.shape, i % 256, np.uint8), "label": np.int64(i % 10)}
+
+
+def test_tfds_sources_are_read_by_random_access():
+    train, test = FakeDataSource(50), FakeDataSource(12)
+    d = sources.tfds_arrays({"train": train, "test": test})
+    assert d["y_train"].dtype == np.int32 and d["y_train"].tolist() == [i % 10 for i in range(50)]
+    assert d["x_train"].shape == (50, 4, 4, 1) and len(d["x_train"][10:]) == 40
+    train.reads = 0
+    b = pipeline.batches({"image": d["x_train"][10:], "label": d["y_train"][10:]}, 8, 0)[2]
+    assert train.reads == 8  # one record per row of the batch, not the whole split
+    assert b["image"].dtype == np.float32 and b["image"].shape == (8, 4, 4, 1)
+    np.testing.assert_array_equal(np.rint(b["image"][:, 0, 0, 0] * 255) % 10, b["label"])
+    evals = pipeline.eval_batches({"image": d["x_test"], "label": d["y_test"]}, 5)
+    assert [len(e["image"]) for e in evals] == [5, 5, 2] and isinstance(evals[0]["image"], np.ndarray)
+    np.testing.assert_allclose(evals[2]["image"][:, 0, 0, 0] * 255, [10, 11])
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="needs tensorflow_datasets"):
+            sources.load_tfds("mnist")

@@ -76,6 +76,9 @@ def read_text(path: str | pathlib.Path) -> str:
 def load_text(data_cfg) -> str:
     """The text corpus named by a `data` config section: `data.path`, or an embedded corpus
     (`stdlib`: Python source code, the default; `pydoc`: English documentation prose)."""
+    if data_cfg.name == "tokens":
+        raise UserError("data.name='tokens' holds token ids, not text; this experiment needs "
+                        "text: data.name=stdlib or pydoc, or data.path=FILE")
     if data_cfg.path:
         return read_text(data_cfg.path)
     return embedded_text(data_cfg.name or "stdlib")
@@ -181,19 +184,69 @@ def read_cifar10(folder: str | pathlib.Path) -> Arrays:
             "x_test": scale(x_test), "y_test": y_test}
 
 
+class SourceColumn:
+    """One feature of a random-access source (`tfds.data_source`: `len` and `source[i]` ->
+    dict of numpy arrays) over a range of its records, read only when indexed: `col[idx]`
+    with an integer array reads those records, `col[a:b]` is a lazy sub-range,
+    `np.asarray(col)` reads them all. Images are scaled to float32 in [0, 1]."""
+
+    def __init__(self, source, key: str, image: bool, index: range | None = None,
+                 item_shape: tuple[int, ...] | None = None):
+        self.source, self.key, self.image = source, key, image
+        self.index = range(len(source)) if index is None else index
+        if item_shape is None:  # one record read, once: every record has this shape
+            item_shape = np.shape(source[self.index[0]][key]) if len(self.index) else ()
+        self.item_shape = tuple(item_shape)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self),) + self.item_shape
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return SourceColumn(self.source, self.key, self.image, self.index[idx],
+                                self.item_shape)
+        idx = np.asarray(idx)
+        rows = [np.asarray(self.source[self.index[int(i)]][self.key]) for i in idx.reshape(-1)]
+        x = np.stack(rows) if rows else np.zeros((0,) + self.item_shape)
+        x = x.astype(np.float32) / 255.0 if self.image else x.astype(np.int32)
+        return x.reshape(idx.shape + self.item_shape)
+
+    def __array__(self, dtype=None, copy=None):
+        x = self[np.arange(len(self))]
+        return x if dtype is None else x.astype(dtype)
+
+
+def tfds_arrays(sources_by_split: dict, image_key: str = "image",
+                label_key: str = "label") -> Arrays:
+    """x_/y_ columns of random-access sources per split: images lazy (read by the batches
+    that use them), labels read once (small, and chapters need their range)."""
+    out = {}
+    for split, source in sources_by_split.items():
+        if len(source) == 0:
+            raise UserError(f"tfds split {split!r} is empty")
+        out[f"x_{split}"] = SourceColumn(source, image_key, image=True)
+        out[f"y_{split}"] = np.asarray(SourceColumn(source, label_key, image=False))
+    return out
+
+
 def load_tfds(name: str) -> Arrays:
-    """A tfds image-classification set (needs the `tfds` extra and network access once)."""
+    """A tfds image-classification set through `tfds.data_source` random access: records
+    are read as batches ask for them, never the whole set into memory (needs the `tfds`
+    extra, and the set prepared once with network access)."""
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise UserError("data.name='tfds:...' needs the extra: pip install -e '.[tfds]'") from e
-    out = {}
-    for split in ("train", "test"):
-        ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, as_supervised=True))
-        x, y = ds
-        out[f"x_{split}"] = np.asarray(x, np.float32) / 255.0
-        out[f"y_{split}"] = np.asarray(y, np.int32)
-    return out
+    except ImportError:
+        raise UserError("data.name='tfds:...' needs tensorflow_datasets: "
+                        "pip install -e '.[tfds]'") from None
+    try:
+        found = {split: tfds.data_source(name, split=split) for split in ("train", "test")}
+    except Exception as e:  # noqa: BLE001 - tfds raises many types (not found, no network).
+        raise UserError(f"tfds cannot open {name!r}: {type(e).__name__}: {e}") from None
+    return tfds_arrays(found)
 
 
 def load_images(data_cfg) -> Arrays:

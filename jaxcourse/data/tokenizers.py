@@ -20,7 +20,7 @@ import json
 import pathlib
 import re
 import time
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 from jaxcourse.errors import UserError
 
@@ -177,6 +177,13 @@ class HFByteBPE:
     @classmethod
     def train(cls, text: str, vocab_size: int) -> HFByteBPE:
         _check_corpus(text)
+        # The corpus goes in as lines (newlines kept) so the Rust trainer can parallelise.
+        return cls.train_from_lines(text.splitlines(keepends=True), vocab_size)
+
+    @classmethod
+    def train_from_lines(cls, lines: Iterable[str], vocab_size: int) -> HFByteBPE:
+        """Trains on an iterable of lines (newlines kept), e.g. streamed from files larger
+        than memory (`data.prepare`)."""
         if vocab_size < 256:
             raise UserError(f"bpe vocab_size must be >= 256 (the byte alphabet), got {vocab_size}")
         import tokenizers  # noqa: PLC0415 - the Rust package loads only for "bpe".
@@ -190,8 +197,7 @@ class HFByteBPE:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                       special_tokens=[],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        # The corpus goes in as lines (newlines kept) so the Rust trainer can parallelise.
-        tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        tok.train_from_iterator(lines, trainer=trainer)
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:
@@ -236,6 +242,11 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
         except Exception as e:  # noqa: BLE001 - the Rust parser raises plain Exception.
             raise UserError(f"cannot read tokenizer file {path}: {e}") from None
     raise UserError(f"tokenizer file {path} has unknown kind {kind!r}")
+
+
+def kind(tok: Tokenizer) -> str:
+    """The `make_tokenizer` name of a tokenizer object ("char", "bpe_scratch" or "bpe")."""
+    return {CharTokenizer: "char", ScratchBPE: "bpe_scratch", HFByteBPE: "bpe"}[type(tok)]
 
 
 def fertility(tok: Tokenizer, text: str) -> float:

@@ -39,21 +39,37 @@ def process_rows(sharding: NamedSharding, shape: Sequence[int], axis: int = 0) -
     return slice(lo, hi)
 
 
-def put_global(batch: Mapping[str, np.ndarray], mesh: Mesh, leading: int = 0) -> dict:
-    """Global arrays from numpy batches that every process can produce (same seed).
+def put_global(batch: Mapping[str, np.ndarray], mesh: Mesh, leading: int = 0,
+               global_rows: int = 0) -> dict:
+    """Global arrays from numpy batches.
 
-    Each process hands over only its own rows; on one process that is all of them.
+    Each process hands over only its own rows; on one process that is all of them. A batch
+    of `global_rows` rows (or any size when `global_rows` is 0) is the whole batch, which
+    every process produced alike, and is cut to this process's rows. With several processes
+    a batch of `global_rows / process_count` rows is this process's share already, as
+    `data.pipeline` makes it (shard i holds rows [i * B/n, (i+1) * B/n)).
     """
     sharding = batch_sharding(mesh, leading)
+    n_proc, me = jax.process_count(), jax.process_index()
 
     def put(x):
         x = np.asarray(x)
-        if x.shape[leading] % batch_shards(mesh):
-            raise UserError(f"batch of {x.shape[leading]} rows cannot be split over the "
+        n = x.shape[leading]
+        is_share = n_proc > 1 and global_rows and n * n_proc == global_rows
+        shape = x.shape[:leading] + (global_rows,) + x.shape[leading + 1:] if is_share else x.shape
+        if shape[leading] % batch_shards(mesh):
+            raise UserError(f"batch of {shape[leading]} rows cannot be split over the "
                             f"{batch_shards(mesh)} batch shards of the mesh")
-        rows = process_rows(sharding, x.shape, leading)
-        local = x[(slice(None),) * leading + (rows,)]
-        return jax.make_array_from_process_local_data(sharding, local, x.shape)
+        rows = process_rows(sharding, shape, leading)
+        if not is_share:
+            local = x[(slice(None),) * leading + (rows,)]
+        elif (rows.start, rows.stop) == (me * n, (me + 1) * n):
+            local = x
+        else:
+            raise UserError(f"process {me} holds rows {rows.start}:{rows.stop} of the batch on "
+                            f"this mesh but loaded rows {me * n}:{(me + 1) * n}; keep the "
+                            "tensor and pipeline axes inside one host")
+        return jax.make_array_from_process_local_data(sharding, local, shape)
 
     return {key: put(value) for key, value in batch.items()}
 

@@ -31,13 +31,15 @@ from jaxcourse.parallel.rules import (Rules, get_rules, match_shardings, tree_sh
 class ShardingPlan:
     mesh: Mesh
     rules: Rules
+    batch_size: int = 0  # train.batch_size: tells a process's share of a batch from all of it
 
     @classmethod
     def from_config(cls, cfg) -> ShardingPlan | None:
         section = cfg.get("mesh") if hasattr(cfg, "get") else None
         if section is None:
             return None
-        plan = cls(make_mesh(section), get_rules(section.get("rules", "gpt")))
+        plan = cls(make_mesh(section), get_rules(section.get("rules", "gpt")),
+                   cfg.train.get("batch_size", 0) or 0)
         # The batch each device sees per microbatch must split evenly: fail before compiling.
         check_batch(cfg.train.batch_size // max(cfg.train.grad_accum, 1), plan.mesh)
         return plan
@@ -69,8 +71,9 @@ class ShardingPlan:
         return batch_sharding(self.mesh, leading)
 
     def put_batches(self, stacked: Mapping[str, np.ndarray], leading: int = 1) -> dict:
-        """Global arrays from the numpy batches every process produces (same seed)."""
-        return put_global(stacked, self.mesh, leading)
+        """Global arrays from each process's rows of the stacked batches (data.pipeline
+        loads only those), or from whole batches that every process produced alike."""
+        return put_global(stacked, self.mesh, leading, self.batch_size)
 
     def put_eval(self, batch: Mapping[str, np.ndarray]) -> dict:
         """An eval batch: sharded like training batches when it divides, else replicated."""
