@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     names = chapters()
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: jaxcourse {{{','.join(names)}}} [--config=NAME[:preset]] ...\n"
-              "       jaxcourse chN --help   lists a chapter's experiments")
+              "       jaxcourse chN --help   lists a chapter's experiments, a command for each\n"
+              "       jaxcourse chN [--config NAME] --help-config   lists a config's keys")
         raise SystemExit(0 if argv else 2)
     if argv[0] not in names:
         print(f"jaxcourse: error: unknown chapter {argv[0]!r}; choose one of {', '.join(names)}",

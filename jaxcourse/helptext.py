@@ -30,7 +30,8 @@ PRESET_NOTES = {"smoke": "seconds, what the tests run", "cpu": "the default, min
 
 
 def _first_line(doc: str | None) -> str:
-    line = (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+    """The first paragraph of a docstring on one line, without a "Chapter N: " prefix."""
+    line = " ".join(s.strip() for s in (doc or "").strip().split("\n\n")[0].splitlines())
     return line.split(": ", 1)[1] if line.startswith("Chapter ") and ": " in line else line
 
 
@@ -60,14 +61,17 @@ def usage(chapter: str, experiments: dict, default_config: str) -> str:
         "",
         "experiments (config name, the function it runs, what it does, a command that runs it):",
     ]
+    used = set()
     for name, doc in config_lib.experiments(chapter):
         fn = _experiment_of(config_lib.CONFIG_DIR / f"{name}.py")
+        used.add(fn)
         default = ", the default" if name == default_config else ""
         lines += [f"  {name} [{fn}{default}]: {_first_line(doc)}",
                   f"      e.g. {prog} --config {name}:smoke   (seconds; :cpu for the real run)"]
     lines += ["", "experiment functions (config key `experiment`):"]
     for name, fn in experiments.items():
-        lines.append(f"  {name:12s} {_first_line(fn.__doc__)}")
+        note = "" if name in used else f" (no config of its own: --config.experiment={name})"
+        lines.append(f"  {name:12s} {_first_line(fn.__doc__)}{note}")
     lines += [
         "",
         "presets (NAME:PRESET): " + "; ".join(f"{p} ({PRESET_NOTES.get(p, '')})"
