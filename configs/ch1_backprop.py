@@ -2,7 +2,7 @@
 
 python -m jaxcourse.ch1 --config=configs/ch1_backprop.py:cpu
 One lab only:   python -m jaxcourse.ch1 --config.labs=charlm
-Another corpus: python -m jaxcourse.ch1 --config.data.path=../shared/data/tinyshakespeare.txt
+Another corpus: python -m jaxcourse.ch1 --config.data.path=tinyshakespeare.txt
 
 `train` / `optimizer` drive the character models (bigram and MLP) through the shared loop;
 `optimizers` is the comparison run on the digits MLP; `mlp` is the hand-written-backprop lab.

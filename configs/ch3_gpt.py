@@ -1,7 +1,7 @@
 """Chapter 3: a character-level GPT on the stdlib corpus; samples, attention maps, KV-cache speed.
 
 python -m jaxcourse.ch3 --config=configs/ch3_gpt.py:cpu
-Any text file: python -m jaxcourse.ch3 --config.data.path=../shared/data/tinyshakespeare.txt
+Any text file: python -m jaxcourse.ch3 --config.data.path=tinyshakespeare.txt
 """
 from jaxcourse.lm.configs import char_gpt_config
 

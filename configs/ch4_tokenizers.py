@@ -1,6 +1,6 @@
 """Chapter 4: tokenizer fertility (tokens per word) of characters, scratch BPE and HF BPE on a corpus.
 
-python -m jaxcourse.ch4 --config=configs/ch4_tokenizers.py:cpu --config.data.path=../shared/data/tinyshakespeare.txt
+python -m jaxcourse.ch4 --config=configs/ch4_tokenizers.py:cpu --config.data.path=tinyshakespeare.txt
 """
 from jaxcourse.lm.configs import pretrain_config
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcourse import cli
+from jaxcourse import cli, report
 from jaxcourse.autodiff import (charlm_lab, checks, debugging, gradcheck, lse, mlp_backprop, modes,
                                 plots)
 from jaxcourse.autodiff.runs import sub_config
@@ -123,7 +123,8 @@ def lab_mlp(cfg, digits, workdir) -> dict:
         lr=c.lr, seed=cfg.train.seed)
     window = max(1, min(50, c.steps // 10))
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    plots.plot_panels([{"title": "hand-written backprop + SGD (digits MLP)", "ylabel": "train loss",
+    plots.plot_panels([{"title": "hand-written backprop + SGD (digits MLP)",
+                        "ylabel": "train cross-entropy (nats)",
                         "curves": {"per step": (np.arange(1, len(losses) + 1), losses),
                                    f"mean of {window}": (np.arange(window, len(losses) + 1), smooth)},
                         "logy": True}], workdir / "mlp_backprop_loss.png")
@@ -172,7 +173,9 @@ def lab_optimizers(cfg, digits, workdir) -> dict:
             optimizer={"name": name, "lr": float(lr), "schedule": "constant", "warmup_steps": 0,
                        "weight_decay": c.weight_decay if name in ("adamw", "lion") else 0.0})
         run_dir = workdir / f"opt_{name}"
-        _, final = train(mlp_task(c.hidden), sub, run_dir, train_data, eval_data)
+        with report.stage(f"optimizer {name} lr={lr:g}, {c.steps} steps"):
+            _, final = train(mlp_task(c.hidden), sub, run_dir, train_data, eval_data)
+        print(f"optimizer {name}: test accuracy {final['eval/accuracy']:.4f}", flush=True)
         rows = plots.read_metrics(run_dir)
         loss_curves[f"{name} lr={lr:g}"] = plots.series(rows, "train/loss")
         acc_curves[f"{name} lr={lr:g}"] = plots.series(rows, "eval/accuracy")
@@ -180,8 +183,9 @@ def lab_optimizers(cfg, digits, workdir) -> dict:
         out[f"opt_{name}_eval_loss"] = final["eval/loss"]
         out[f"opt_{name}_eval_accuracy"] = final["eval/accuracy"]
     plots.plot_panels(
-        [{"title": "train loss", "ylabel": "cross-entropy", "curves": loss_curves, "logy": True},
-         {"title": "test accuracy", "ylabel": "accuracy", "curves": acc_curves}],
+        [{"title": "train loss", "ylabel": "cross-entropy (nats)", "curves": loss_curves,
+          "logy": True},
+         {"title": "test accuracy", "ylabel": "accuracy (fraction correct)", "curves": acc_curves}],
         workdir / "optimizers.png", title=f"digits MLP ({c.hidden} hidden), batch {c.batch_size}")
     return out
 
@@ -209,7 +213,8 @@ def run_backprop(cfg, workdir: pathlib.Path) -> dict:
     metrics = {}
     for name in names:
         start = time.perf_counter()
-        metrics.update(LABS[name](cfg, digits, pathlib.Path(workdir)))
+        with report.stage(f"lab {name}"):
+            metrics.update(LABS[name](cfg, digits, pathlib.Path(workdir)))
         metrics[f"seconds_{name}"] = round(time.perf_counter() - start, 2)
     return metrics
 

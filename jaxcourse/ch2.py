@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from jaxcourse import cli  # noqa: E402
 from jaxcourse.data import pipeline, sources  # noqa: E402
+from jaxcourse.figures import save_figure  # noqa: E402
 from jaxcourse.models.classifier import ClassifierConfig, build_classifier  # noqa: E402
 from jaxcourse.models import batchnorm  # noqa: E402
 from jaxcourse.train import evaluate, train  # noqa: E402
@@ -73,6 +74,7 @@ def batchnorm_check(seed: int = 0) -> float:
 
 
 def run_classify(cfg, workdir: pathlib.Path) -> dict:
+    """Trains one classifier (model, regularizers from config); val and test accuracy."""
     result = fit(cfg, workdir, splits(cfg))
     result["batchnorm_scratch_vs_flax_max_abs_diff"] = batchnorm_check()
     print(f"test accuracy {result['test_accuracy']:.4f} (val {result['val_accuracy']:.4f})")
@@ -107,6 +109,7 @@ def variant_config(cfg, name: str):
 
 
 def run_ablation(cfg, workdir: pathlib.Path) -> dict:
+    """A plain baseline with one regularizer switched on at a time (cfg.variants)."""
     data = splits(cfg)
     rows = {}
     for name in cfg.variants:
@@ -125,11 +128,12 @@ def run_ablation(cfg, workdir: pathlib.Path) -> dict:
     ax.barh(names, [rows[n]["test_accuracy"] for n in names], color="tab:blue")
     lo = min(rows[n]["test_accuracy"] for n in names)
     ax.set_xlim(max(0.0, lo - 0.05), 1.0)
-    ax.set_xlabel("test accuracy")
+    ax.set_xlabel("test accuracy (fraction correct)")
+    ax.set_ylabel("regularizer added to the plain baseline")
+    ax.set_title(f"regularizer ablation on {cfg.data.name}, {cfg.train.steps} steps each")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(workdir / "ablation.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, workdir / "ablation.png", dpi=90)
     print("\n".join(lines))
     return {f"{n}/{k}": v for n, r in rows.items() for k, v in r.items()}
 

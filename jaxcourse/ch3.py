@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from jaxcourse import cli, config, lm  # noqa: E402
 from jaxcourse.data import pipeline  # noqa: E402
 from jaxcourse.errors import UserError  # noqa: E402
+from jaxcourse.figures import save_figure  # noqa: E402
 from jaxcourse.lm import Corpus, count_params, eval_windows, lm_task  # noqa: E402
 from jaxcourse.models import decode  # noqa: E402
 from jaxcourse.models.transformer import GPT, attention_maps, gpt_config  # noqa: E402
@@ -111,27 +112,31 @@ def decode_speed_rows(model_cfg, params, cfg) -> list[dict]:
 # Output: markdown tables and figures.
 
 def plot_attention(maps_LxHxTxT, text: str, path: pathlib.Path):
-    """A grid: one row per layer, one column per head, characters on the axes."""
+    """A grid: one row per layer, one column per head, characters on the axes (queries down
+    the left, keys along the bottom), one colour scale for all."""
     n_layer, n_head, t, _ = maps_LxHxTxT.shape
-    fig, axes = plt.subplots(n_layer, n_head, figsize=(2.2 * n_head, 2.2 * n_layer),
-                             squeeze=False)
+    side = max(2.6, 0.11 * t)  # room for one legible character per tick
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(side * n_head + 1.2, side * n_layer + 0.8),
+                             squeeze=False, layout="constrained")
     labels = [c if c.isprintable() and c != " " else "·" for c in text]
     for layer in range(n_layer):
         for head in range(n_head):
-            axes[layer, head].imshow(maps_LxHxTxT[layer, head], cmap="viridis", vmin=0,
-                                     vmax=1)
+            im = axes[layer, head].imshow(maps_LxHxTxT[layer, head], cmap="viridis", vmin=0,
+                                          vmax=1)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     for head in range(n_head):  # Characters along the bottom (keys) and left (queries).
-        axes[-1, head].set_xticks(range(t), labels, fontsize=5)
-        axes[0, head].set_title(f"head {head}", fontsize=8)
+        axes[-1, head].set_xticks(range(t), labels, fontsize=7)
+        axes[0, head].set_title(f"head {head}", fontsize=9)
     for layer in range(n_layer):
-        axes[layer, 0].set_yticks(range(t), labels, fontsize=5)
+        axes[layer, 0].set_yticks(range(t), labels, fontsize=7)
         axes[layer, 0].set_ylabel(f"layer {layer}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="attention weight (softmax probability)")
+    fig.supxlabel("key: the character attended to")
+    fig.supylabel("query: the character attending (each row sums to 1)")
+    fig.suptitle(f"causal self-attention of the trained GPT on {t} validation characters")
+    save_figure(fig, path, dpi=80)
 
 
 def read_curve(workdir: pathlib.Path, key: str) -> tuple[list, list]:
@@ -142,15 +147,15 @@ def read_curve(workdir: pathlib.Path, key: str) -> tuple[list, list]:
 
 
 def plot_lines(curves: dict[str, tuple], path: pathlib.Path, **axes_settings):
-    """One line per entry of `curves` ({label: (x, y)}); axes_settings go to ax.set."""
+    """One line per entry of `curves` ({label: (x, y)}); axes_settings (title, xlabel,
+    ylabel, scales) go to ax.set."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in curves.items():
         ax.plot(x, y, "o-" if len(x) <= 8 else "-", label=name)
     ax.set(**axes_settings)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +205,7 @@ def run_context(cfg, workdir: pathlib.Path) -> dict:
                      "val_ppl": m["eval/perplexity"], "last_position_loss": float(by_pos[-1]),
                      "steps_per_s": m["steps_per_second"]})
     plot_lines(curves, workdir / "context.png", xscale="log", yscale="log",
+               title="perplexity vs context length (same tokens per step)",
                xlabel="position in window (tokens of context)", ylabel="validation perplexity")
     write_results(workdir, "Perplexity vs context length", [
         ("Validation perplexity (same tokens per step)", markdown_table(rows, list(rows[0])))])
@@ -228,14 +234,16 @@ def run_norm(cfg, workdir: pathlib.Path) -> dict:
                      "val_loss": m["eval/loss"], "max_grad_norm": max(grads[name][1] or [0]),
                      "diverged": diverged})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, curves, label in [(axes[0], losses, "train loss"), (axes[1], grads, "grad norm")]:
+    for ax, curves, label in [(axes[0], losses, "train loss (nats / char)"),
+                              (axes[1], grads, "grad norm")]:
         for name, (x, y) in curves.items():
             ax.plot(x, y, label=name)
-        ax.set(xlabel="step", ylabel=label, yscale="log" if label == "grad norm" else "linear")
+        ax.set(xlabel="step", ylabel=label, yscale="log" if label == "grad norm" else "linear",
+               title=f"{label} per step")
         ax.legend()
+    fig.suptitle(f"pre-LN vs post-LN at lr {cfg.optimizer.lr}, {cfg.model.n_layer} layers")
     fig.tight_layout()
-    fig.savefig(workdir / "norm.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, workdir / "norm.png", dpi=90)
     write_results(workdir, "Pre-LN vs post-LN", [
         (f"lr {cfg.optimizer.lr}, {cfg.model.n_layer} layers",
          markdown_table(rows, list(rows[0])))])
@@ -256,6 +264,7 @@ def run_window(cfg, workdir: pathlib.Path) -> dict:
         rows.append({"window": label, "receptive_field": field, "val_loss": m["eval/loss"],
                      "val_ppl": m["eval/perplexity"], "steps_per_s": m["steps_per_second"]})
     plot_lines(curves, workdir / "window.png", xscale="log", yscale="log",
+               title=f"sliding-window attention, {cfg.model.n_layer} layers",
                xlabel="position in window (tokens of context)", ylabel="validation perplexity")
     write_results(workdir, "Sliding-window attention", [
         (f"context {cfg.model.context}, {cfg.model.n_layer} layers",
@@ -278,7 +287,7 @@ def run_decode(cfg, workdir: pathlib.Path) -> dict:
     plot_lines({"KV cache": (n, [r["kv_cache_tok_s"] for r in rows]),
                 "recompute": (n, [r["recompute_tok_s"] for r in rows])},
                workdir / "decode.png", xscale="log", yscale="log", xlabel="new tokens",
-               ylabel="tokens / second")
+               ylabel="tokens / second", title="KV-cache decoding vs recomputing the prefix")
     d = cfg.decode
     write_results(workdir, "KV-cache decode vs recompute", [
         (f"{count_params(params)} params, {mcfg.n_layer} layers x {mcfg.d_model}, batch "

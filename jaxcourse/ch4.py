@@ -23,6 +23,7 @@ from jaxcourse import cli, config, lm  # noqa: E402
 from jaxcourse.data import pipeline, sft, sources  # noqa: E402
 from jaxcourse.data import tokenizers as toklib  # noqa: E402
 from jaxcourse.errors import UserError  # noqa: E402
+from jaxcourse.figures import save_figure  # noqa: E402
 from jaxcourse.lm import (Corpus, count_params, lm_task, load_model, logits_fn,  # noqa: E402
                           mean_loss, random_batches, save_model)
 from jaxcourse.models import decode, lora  # noqa: E402
@@ -211,12 +212,13 @@ def write_finetune_results(workdir: pathlib.Path, rows: list[dict], tasks):
         ax.bar(np.arange(len(tasks)) + i * width, [r[f"acc_{t}"] for t in tasks], width,
                label=r["method"])
     ax.set_xticks(np.arange(len(tasks)) + width * (len(rows) - 1) / 2, tasks)
-    ax.set_ylabel("held-out exact match")
+    ax.set_ylabel("held-out exact match (fraction)")
+    ax.set_xlabel("string task")
+    ax.set_title("fine-tuning: prompting vs full SFT vs LoRA")
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(workdir / "accuracy.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, workdir / "accuracy.png", dpi=90)
 
 
 def run_tokenizers(cfg, workdir: pathlib.Path) -> dict:

@@ -65,7 +65,7 @@ def run_ppo(cfg, workdir: pathlib.Path) -> dict:
     runner = init_agents(fns, seeds, coefs)
     runner, metrics, timing = train_agents(fns, runner, pc.num_updates, cfg.checkpoint.every,
                                            workdir, keep=cfg.checkpoint.keep, log=print)
-    MetricsWriter(workdir, resume_step=pc.num_updates).plot("curves.png")
+    MetricsWriter(workdir, resume_step=pc.num_updates).plot("curves.png", xlabel="PPO update")
     out = {"env": pc.env_name, "num_seeds": len(seeds), **timing}
     if metrics:  # empty when the run was already complete
         ret = metrics["return"]
@@ -91,7 +91,8 @@ def run_stress(cfg, workdir: pathlib.Path) -> dict:
                        kl_coef=kl)
     fns = make_train(pc, make_optimizer(cfg.optimizer, pc.grad_steps))
     runner = init_agents(fns, cfg.train.seed + seed.astype(np.int32), coefs)
-    _, metrics, timing = train_agents(fns, runner, pc.num_updates, cfg.checkpoint.every)
+    _, metrics, timing = train_agents(fns, runner, pc.num_updates, cfg.checkpoint.every,
+                                      log=print)
     shape = (len(s.kl_coef), len(s.ent_coef), len(s.clip_eps), n)
     final = metrics["return"][:, -10:].mean(1).reshape(shape).mean(-1)
     plots.stress_grid(final, s.kl_coef, s.ent_coef, s.clip_eps, workdir / "stress.png",
@@ -117,7 +118,7 @@ def run_gymnasium(cfg, workdir: pathlib.Path) -> dict:
     writer = MetricsWriter(workdir)
     for u in range(len(metrics["return"])):
         writer.write(u + 1, {k: v[u] for k, v in metrics.items()})
-    writer.plot("curves.png")
+    writer.plot("curves.png", xlabel="PPO update")
     # Throughput over updates 2.. (the first one compiles).
     steps = (pc.num_updates - 1) * pc.num_envs * pc.num_steps
     total = timing["rollout_seconds"] * (pc.num_updates - 1) / pc.num_updates \

@@ -127,10 +127,11 @@ def save_sample_grids(cfg, workdir, sampler, params, decode) -> None:
                             s.batch))
     figures.save_grid(images[:10 * k], k, workdir / f"samples_{s.sampler}{s.steps}.png",
                       f"{s.sampler}, {s.steps} steps, guidance {s.guidance}",
-                      [str(i) for i in range(k)])
+                      [str(i) for i in range(k)], ylabel="requested class")
     figures.save_grid(images[10 * k:], len(scales), workdir / "guidance.png",
                       "rows: guidance scale 0 (unconditional), 1, 2, 4",
-                      [f"w={w:g}" for w in scales])
+                      [f"w={w:g}" for w in scales], xlabel="requested class 0, 1, ...",
+                      ylabel="guidance scale")
 
 
 def save_forward_strip(workdir, sched, x01) -> None:
@@ -140,10 +141,12 @@ def save_forward_strip(workdir, sched, x01) -> None:
     noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
     xt = q_sample(sched, x0, jnp.asarray(ts), noise)
     figures.save_grid(evaluate.to_unit(xt), 1, workdir / "forward_noising.png",
-                      "q(x_t | x_0) at t = " + ", ".join(str(t) for t in ts))
+                      "q(x_t | x_0) at t = " + ", ".join(str(t) for t in ts),
+                      xlabel="diffusion step t (left: clean, right: noise)", ylabel="x_t")
 
 
 def run_ddpm(cfg, workdir: pathlib.Path) -> dict:
+    """Trains the U-Net denoiser, then samples it with every sampler and judges the samples."""
     data = load_data(cfg, cfg.model.image_size, cfg.model.channels)
     judge, judge_acc = judge_for(cfg, workdir, data)
     ucfg = unet_config(cfg.model)

@@ -1,13 +1,15 @@
 """The command line every chapter shares.
 
     python -m jaxcourse.chN [--config=NAME[:preset]] [--config.key=value ...] [--workdir=DIR] [--no-cache]
+    python -m jaxcourse.chN --help          experiments, an example command for each
+    python -m jaxcourse.chN [--config=NAME] --help-config   every key: default and meaning
     jaxcourse chN ...       (the same, as the installed console command)
 
 NAME is a config file's path or its short name (`ch4_gpt`, see jaxcourse/config.py). Before
 jax starts, the run takes the machine's defaults (jaxcourse/machine.py): CPU cores as devices
 for a data mesh, and a persistent compilation cache (`--no-cache` or JAXCOURSE_CACHE=off).
-Bad arguments exit 2 with one line naming the problem, before anything is written. A
-`UserError` raised while running exits 1 with one line.
+`--name value` works as well as `--name=value`. Bad arguments exit 2 with one line naming the
+problem, before anything is written. A `UserError` raised while running exits 1 with one line.
 """
 import importlib
 import json
@@ -22,39 +24,46 @@ import numpy as np
 
 import jaxcourse
 from jaxcourse import config as config_lib
-from jaxcourse import machine
+from jaxcourse import figures, helptext, machine, report
 from jaxcourse.parallel import distributed
 from jaxcourse.errors import ConfigError, UserError
 
 Experiment = Callable[..., dict]
 
 
-def _usage(chapter: str, experiments: dict, default_config: str) -> str:
-    lines = [
-        f"usage: python -m jaxcourse.{chapter} [--config=NAME[:preset]]"
-        " [--config.key=value ...] [--workdir=DIR] [--no-cache]",
-        "",
-        "NAME: a config file's path, or a short name below (files in configs/)",
-        f"default: {default_config}:cpu; presets: {', '.join(config_lib.PRESETS)}",
-        "experiments (config files):",
-    ]
-    for name, doc in config_lib.experiments(chapter):
-        lines.append(f"  {name:32s} {doc}")
-    lines.append(f"experiment functions: {', '.join(experiments)}")
-    return "\n".join(lines)
+VALUE_FLAGS = ("--config", "--workdir")  # and every --config.KEY
+
+
+def _pairs(argv: list[str]) -> list[tuple[str, str]]:
+    """(flag, value) pairs: `--name=value` and `--name value` both work."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unrecognized argument {arg!r} "
+                              "(expected --name=value or --name value)")
+        name, eq, value = arg.partition("=")
+        if not eq:
+            if name not in VALUE_FLAGS and not name.startswith("--config."):
+                raise ConfigError(f"unknown flag {name}")
+            if i + 1 == len(argv):
+                raise ConfigError(f"{name} needs a value ({name}=VALUE or {name} VALUE)")
+            i += 1
+            value = argv[i]
+        out.append((name, value))
+        i += 1
+    return out
 
 
 def parse(chapter: str, experiments: dict, default_config: str, argv: list[str]):
     """Returns (cfg, workdir, stem, preset); raises ConfigError on any bad argument."""
     spec = str(config_lib.CONFIG_DIR / f"{default_config}.py")
     workdir, overrides = None, []
-    for arg in argv:
-        if arg in ("-h", "--help", "--helpfull"):
-            print(_usage(chapter, experiments, default_config))
-            raise SystemExit(0)
-        name, eq, value = arg.partition("=")
-        if not eq or not name.startswith("--"):
-            raise ConfigError(f"unrecognized argument {arg!r} (expected --name=value)")
+    if any(a in ("-h", "--help", "--helpfull") for a in argv):
+        print(helptext.usage(chapter, experiments, default_config))
+        raise SystemExit(0)
+    show_keys = "--help-config" in argv
+    for name, value in _pairs([a for a in argv if a != "--help-config"]):
         if name == "--config":
             spec = value
         elif name == "--workdir":
@@ -66,6 +75,10 @@ def parse(chapter: str, experiments: dict, default_config: str, argv: list[str])
     cfg, stem, preset = config_lib.load(spec)
     for key, value in overrides:
         config_lib.override(cfg, key, value)
+    if show_keys:
+        print(helptext.config_keys(chapter, cfg, config_lib.resolve(spec.partition(":")[0]),
+                                   f"{stem}:{preset}"))
+        raise SystemExit(0)
     if cfg.experiment not in experiments:
         raise ConfigError(
             f"config key experiment={cfg.experiment!r} is not one of {', '.join(experiments)}")
@@ -118,7 +131,8 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
         if main_process:
             write_json(workdir / "config.json", cfg.to_dict())
         start = time.time()
-        metrics = experiments[cfg.experiment](cfg, workdir)
+        with figures.run(f"{chapter} {stem}:{preset}") as saved:  # stamped on every PNG
+            metrics = experiments[cfg.experiment](cfg, workdir)
         summary = {
             "chapter": chapter, "experiment": stem, "preset": preset,
             "wall_seconds": round(time.time() - start, 2), "metrics": metrics,
@@ -127,6 +141,7 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
         if main_process:
             write_json(workdir / "summary.json", summary)
             print(f"{prog}: wrote {workdir}/summary.json")
+            print(report.results_summary(summary, workdir, saved), flush=True)
         else:
             print(f"{prog}: process {jax.process_index()} finished")
     except UserError as e:
@@ -148,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     names = chapters()
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: jaxcourse {{{','.join(names)}}} [--config=NAME[:preset]] ...\n"
-              "       jaxcourse chN --help   lists a chapter's experiments")
+              "       jaxcourse chN --help   lists a chapter's experiments, a command for each\n"
+              "       jaxcourse chN [--config NAME] --help-config   lists a config's keys")
         raise SystemExit(0 if argv else 2)
     if argv[0] not in names:
         print(f"jaxcourse: error: unknown chapter {argv[0]!r}; choose one of {', '.join(names)}",

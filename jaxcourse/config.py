@@ -28,13 +28,13 @@ if not CONFIG_DIR.is_dir():
 def base_config() -> ml_collections.ConfigDict:
     """Sections and keys every experiment shares; a config file adds its own sections."""
     return ml_collections.ConfigDict({
-        "experiment": "",
+        "experiment": "",  # the chapter's experiment function that runs this config.
         "train": {
-            "steps": 1000,
-            "batch_size": 128,
-            "seed": 0,
-            "eval_every": 250,
-            "log_every": 50,
+            "steps": 1000,         # optimizer steps to train for (a rerun continues to it).
+            "batch_size": 128,     # examples (or sequences) per optimizer step.
+            "seed": 0,             # seeds init, data order and every random draw.
+            "eval_every": 250,     # steps between evals on held-out data; 0 = only at the end.
+            "log_every": 50,       # steps between rows of metrics.jsonl and progress lines.
             "steps_per_call": 1,   # K optimizer steps per compiled call (lax.scan).
             "grad_accum": 1,       # microbatches per optimizer step.
             "precision": "float32",  # or "bfloat16": params stay f32, compute in bf16.
@@ -47,15 +47,15 @@ def base_config() -> ml_collections.ConfigDict:
             "wandb": "",           # a W&B project name: also log there (needs wandb installed).
         },
         "optimizer": {
-            "name": "adamw",
-            "lr": 1e-3,
+            "name": "adamw",  # sgd | momentum | nesterov | adam | adamw | lion | adafactor | muon
+            "lr": 1e-3,  # peak learning rate.
             "schedule": "constant",  # constant | warmup_cosine | onecycle | linear
-            "warmup_steps": 0,
-            "min_lr_ratio": 0.1,
-            "weight_decay": 0.0,
-            "b1": 0.9,
-            "b2": 0.999,
-            "momentum": 0.9,
+            "warmup_steps": 0,  # linear warmup from 0 to lr (warmup_cosine).
+            "min_lr_ratio": 0.1,  # final lr / lr of the decaying schedules.
+            "weight_decay": 0.0,  # decoupled (AdamW-style); never on biases and norm scales.
+            "b1": 0.9,  # Adam / Lion first-moment decay.
+            "b2": 0.999,  # Adam second-moment decay.
+            "momentum": 0.9,  # momentum / nesterov coefficient.
             "clip_norm": 0.0,  # 0 = no clipping.
             # Regex over '/'-joined parameter paths: zero updates, no optimizer state.
             "frozen": "",
@@ -63,8 +63,14 @@ def base_config() -> ml_collections.ConfigDict:
             # (train/optim.py); "" = one group.
             "groups": "",
         },
-        "data": {"name": "digits", "path": ""},
-        "checkpoint": {"every": 0, "keep": 3},  # every=0: only at the end.
+        "data": {
+            "name": "digits",  # an embedded set (digits, stdlib, ...), mnist, cifar10, tfds:NAME
+            "path": "",  # a local file or folder (any text file for the text chapters).
+        },
+        "checkpoint": {
+            "every": 0,  # steps between checkpoints; 0 = only at the end.
+            "keep": 3,  # how many recent checkpoints to keep.
+        },
     })
 
 

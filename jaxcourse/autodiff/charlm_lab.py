@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxcourse import report
 from jaxcourse.autodiff import plots
 from jaxcourse.autodiff.runs import sub_config
 from jaxcourse.data import pipeline, sources
@@ -60,7 +61,8 @@ def charlm_task(model: CharLM) -> Task:
 def _train_one(cfg, model: CharLM, run_dir: pathlib.Path, train_ids, eval_data, lr: float):
     sub = sub_config(cfg, optimizer={"lr": float(lr)})
     data = pipeline.lm_batches(train_ids, cfg.train.batch_size, cfg.charlm.seq_len, cfg.train.seed)
-    state, final = train(charlm_task(model), sub, run_dir, data, eval_data)
+    with report.stage(f"model {run_dir.name}"):
+        state, final = train(charlm_task(model), sub, run_dir, data, eval_data)
     rows = plots.read_metrics(run_dir)
     return state.params, final, rows
 

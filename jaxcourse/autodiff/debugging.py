@@ -70,8 +70,9 @@ def debug_print_trace(logits_BxC, labels_B) -> str:
 
 def catch_with_debug_nans(fn, *args) -> tuple[str, str]:
     """Run jit(fn) under jax.debug_nans; return (error message, user line) or ('', '')."""
-    try:
-        with jax.debug_nans(True):
+    try:  # jax prints "Invalid nan value encountered ... de-optimized version" (stdout) on
+        # the way to the error: expected here, so it stays out of the chapter's output.
+        with jax.debug_nans(True), contextlib.redirect_stdout(io.StringIO()):
             jax.block_until_ready(jax.jit(fn)(*args))
     except FloatingPointError as e:
         frames = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)]

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcourse.figures import save_figure  # noqa: E402
+
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
     """Rows of a run's metrics.jsonl (read-only: MetricsWriter would truncate it)."""
@@ -31,8 +33,13 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_panels(panels: list[dict], path: pathlib.Path, title: str = "") -> pathlib.Path:
     """One axis per panel dict: {"title", "ylabel", "curves": {label: (x, y)},
-    "hlines": {label: y}, "logy": bool}. Returns the PNG path."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    "hlines": {label: y}, "logy": bool}. Returns the PNG path.
+
+    Panels that plot the same curves share one legend, outside the axes on the right, so
+    that eight optimizers' labels do not cover their curves."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False,
+                             layout="constrained")
+    shared = len(panels) > 1 and len({tuple(p["curves"]) for p in panels}) == 1
     for ax, panel in zip(axes.flat, panels):
         for label, (x, y) in panel["curves"].items():
             ax.plot(x, y, label=label, marker="." if len(x) < 15 else None)
@@ -45,11 +52,11 @@ def plot_panels(panels: list[dict], path: pathlib.Path, title: str = "") -> path
         ax.set_xlabel(panel.get("xlabel", "step"))
         ax.set_ylabel(panel.get("ylabel", ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if not shared:
+            ax.legend(fontsize=8)
+    if shared:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcourse.figures import save_figure  # noqa: E402
+
 
 def grid(images01: np.ndarray, rows: int) -> np.ndarray:
     """[N, H, W, C] in [0, 1] -> one [rows*(H+1)-1, cols*(W+1)-1, C] mosaic, 1-px gaps."""
@@ -21,8 +23,10 @@ def grid(images01: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def save_grid(images01: np.ndarray, rows: int, path: pathlib.Path, title: str = "",
-              row_labels: list[str] | None = None) -> pathlib.Path:
+def save_grid(images01: np.ndarray, rows: int, path: pathlib.Path, title: str,
+              row_labels: list[str] | None = None, xlabel: str = "sample",
+              ylabel: str = "") -> pathlib.Path:
+    """The images as one mosaic, `rows` rows; row_labels name the rows (classes, scales)."""
     mosaic = grid(np.asarray(images01, np.float32), rows)
     h, w = mosaic.shape[:2]
     scale = max(1.0, 360.0 / max(h, w)) / 72.0
@@ -38,12 +42,11 @@ def save_grid(images01: np.ndarray, rows: int, path: pathlib.Path, title: str = 
         ax.set_yticks([size * i + size / 2 - 1 for i in range(len(row_labels))], row_labels)
     else:
         ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel or ("row" if row_labels else "image"))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_quality(rows: list[dict], path: pathlib.Path, floor: float | None = None):
@@ -57,13 +60,15 @@ def plot_quality(rows: list[dict], path: pathlib.Path, floor: float | None = Non
         axes[1].plot(steps, acc, marker="o", label=kind)
     if floor is not None:
         axes[0].axhline(floor, color="gray", ls="--", lw=1, label="real vs real")
-    for ax, name in zip(axes, ("Fréchet distance (judge features)", "judge accuracy")):
+    names = ("Fréchet distance (judge features)", "judge accuracy")
+    ylabels = ("Fréchet distance (lower is better)", "accuracy on requested class (fraction)")
+    for ax, name, ylabel in zip(axes, names, ylabels):
         ax.set_xscale("log")
-        ax.set_xlabel("sampling steps")
+        ax.set_xlabel("sampling steps (network evaluations)")
+        ax.set_ylabel(ylabel)
         ax.set_title(name, fontsize=10)
         ax.legend()
     axes[0].set_yscale("log")
+    fig.suptitle("sample quality vs sampling steps, per sampler")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

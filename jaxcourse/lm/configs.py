@@ -109,14 +109,14 @@ def pretrain_config(preset: str) -> ml_collections.ConfigDict:
     cfg.mesh = mesh_config(data=-1)
     cfg.tokenizer = {"name": "char", "vocab_size": 512}  # vocab_size: BPE only.
     cfg.lm = {
-        "max_chars": 0,
-        "val_fraction": 0.1,
-        "eval_batches": 200,
-        "monitor_batches": 20,
-        "prompt": "\n",
-        "sample_tokens": 200,
-        "temperature": 0.8,
-        "top_k": 0,
+        "max_chars": 0,  # read only the first N characters of the text; 0 = all of it.
+        "val_fraction": 0.1,  # the last part of the text held out for val_loss.
+        "eval_batches": 200,  # random held-out batches behind val_loss (as nanoGPT).
+        "monitor_batches": 20,  # the first N of them for the periodic eval curve; 0 = none.
+        "prompt": "\n",  # the sample written to sample.txt starts from this text.
+        "sample_tokens": 200,  # tokens sampled after the prompt.
+        "temperature": 0.8,  # sampling temperature.
+        "top_k": 0,  # sample among the k likeliest tokens; 0 = all.
         "grad_barriers": True,  # models/grad_barriers.py: a CPU fusion workaround.
     }
     t = cfg.train

@@ -216,7 +216,11 @@ class Embed(nn.Module):
         self.embedding = self.param("embedding", init, (self.vocab_size, self.d_model))
 
     def __call__(self, tokens_BxT):
-        return jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.dtype)
+        # The lookup reads whole rows (the table gathered over fsdp, as FSDP does for every
+        # weight): GSPMD cannot move the backward's batch-split cotangent onto an
+        # embed-split table efficiently and warns "[SPMD] Involuntary full rematerialization".
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        return jnp.take(table, tokens_BxT, axis=0).astype(self.dtype)
 
     def attend(self, x_BxTxD):
         return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(self.dtype))

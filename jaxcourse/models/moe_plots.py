@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcourse.figures import save_figure  # noqa: E402
+
 
 def plot_gates(snapshots: list[tuple[int, np.ndarray]], path: pathlib.Path) -> None:
     """Per MoE layer, the share of assignments per expert at each snapshot (stacked bars)."""
@@ -31,8 +33,7 @@ def plot_gates(snapshots: list[tuple[int, np.ndarray]], path: pathlib.Path) -> N
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("ch7 MoE: gate distribution per layer over training (validation tokens)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_traffic(traffic_LxDxE: np.ndarray, domains: list[str], path: pathlib.Path) -> None:
@@ -49,8 +50,7 @@ def plot_traffic(traffic_LxDxE: np.ndarray, domains: list[str], path: pathlib.Pa
     axes[0, 0].set_ylabel("domain")
     fig.colorbar(im, ax=axes[0].tolist(), label="share of the domain's assignments")
     fig.suptitle("ch7 MoE: token-to-expert traffic by domain", y=1.06)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_top_tokens(tops: list[list[tuple[int, float]]], tokenizer, path: pathlib.Path,
@@ -67,7 +67,7 @@ def plot_top_tokens(tops: list[list[tuple[int, float]]], tokenizer, path: pathli
     ax.set_yticks(range(n_experts), [f"expert {e}" for e in range(n_experts)])
     ax.set_xticks(range(n), [f"#{j + 1}" for j in range(n)])
     ax.set_xlabel("rank (character, share of its assignments to this expert)")
+    ax.set_ylabel("expert")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -71,16 +71,18 @@ def plot_probes(probes: dict, width_unit: int, budget_mib: float, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    from jaxcourse.figures import save_figure  # noqa: PLC0415
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, seen in probes.items():
         ks = sorted(seen)
         ax.plot([k * width_unit for k in ks], [mib(seen[k]["total"]) for k in ks],
                 marker="o", label=label)
     ax.axhline(budget_mib, color="k", linestyle="--", label="budget")
-    ax.set_xlabel("d_model")
+    ax.set_xlabel("model width d_model (features)")
     ax.set_ylabel("compiled step memory per device (MiB)")
+    ax.set_title(f"training-step memory vs width, budget {budget_mib:g} MiB per device")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

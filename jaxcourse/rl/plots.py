@@ -7,6 +7,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcourse.figures import save_figure  # noqa: E402
+
 
 def return_curves(returns_SxU: np.ndarray, path: pathlib.Path, title: str,
                   steps_per_update: int) -> pathlib.Path:
@@ -21,9 +23,7 @@ def return_curves(returns_SxU: np.ndarray, path: pathlib.Path, title: str,
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return save_figure(fig, path, dpi=90)
 
 
 def stress_grid(final_KxExC: np.ndarray, kl_coefs, ent_coefs, clip_eps, path: pathlib.Path,
@@ -44,6 +44,4 @@ def stress_grid(final_KxExC: np.ndarray, kl_coefs, ent_coefs, clip_eps, path: pa
                     color="white" if v < vmax / 2 else "black", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.85, label="final return")
     fig.suptitle(title)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return pathlib.Path(path)
+    return save_figure(fig, path, dpi=90)

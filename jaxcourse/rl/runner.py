@@ -57,6 +57,8 @@ def train_agents(fns: PPOFns, runner: Runner, num_updates: int, chunk: int,
     compile_s, run_s, history = 0.0, 0.0, []
     for size in chunk_sizes(num_updates, chunk)[_chunks_done(num_updates, chunk, done):]:
         t0 = time.perf_counter()
+        if compile_s == 0.0:  # the silent part: XLA compiles the whole chunk of updates
+            log(f"compiling {size} PPO updates as one program (the first chunk only) ...")
         step = _compiled_chunk(fns, runner, size)
         compile_s += time.perf_counter() - t0
         t0 = time.perf_counter()

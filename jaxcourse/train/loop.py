@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
+from jaxcourse import report
 from jaxcourse.errors import ConfigError, UserError
 from jaxcourse.parallel.plan import ShardingPlan
 from jaxcourse.parallel.rules import without_rules
@@ -96,16 +97,22 @@ class _Progress:
 
     def __init__(self, total: int, start: int):
         self.tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, disable=not self.tty)
+        self.label = report.current_stage()  # "lab optimizers / optimizer adam lr=0.003"
+        self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, disable=not self.tty,
+                        desc=self.label or None)
         self.total = total
+        self.next_line = start  # without a terminal: about 20 lines per run, and the last
 
     def update(self, step: int, n: int, loss: float | None):
         self.bar.update(n)
         if loss is not None:
             if self.tty:
                 self.bar.set_postfix(loss=f"{loss:.4f}")
-            else:
-                print(f"step {step}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
+            elif step >= self.next_line or step == self.total:
+                self.next_line = step + max(1, self.total // 20)
+                prefix = f"[{self.label}] " if self.label else ""
+                print(f"{prefix}step {step}/{self.total} loss {loss:.4f}", file=sys.stderr,
+                      flush=True)
 
     def close(self):
         self.bar.close()

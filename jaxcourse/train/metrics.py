@@ -12,6 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcourse.errors import UserError  # noqa: E402
+from jaxcourse.figures import save_figure  # noqa: E402
+
+# y-axis labels (with units) of the metrics the loop logs; other names label themselves.
+AXIS_LABELS = {"loss": "loss", "accuracy": "accuracy (fraction)",
+               "grad_norm": "gradient L2 norm", "lr": "learning rate",
+               "perplexity": "perplexity", "return": "episode return"}
 
 
 class MetricsWriter:
@@ -65,7 +71,7 @@ class MetricsWriter:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
-    def plot(self, filename: str = "curves.png") -> pathlib.Path:
+    def plot(self, filename: str = "curves.png", xlabel: str = "step") -> pathlib.Path:
         """One panel per metric name, train and eval of the same name sharing a panel."""
         series: dict[str, dict[str, list]] = {}
         for row in self.rows():
@@ -84,18 +90,20 @@ class MetricsWriter:
                 steps, values = zip(*points)
                 ax.plot(steps, values, label=split, marker="." if len(steps) < 30 else None)
             ax.set_title(name)
-            ax.set_xlabel("step")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(AXIS_LABELS.get(name, name))
             if name in ("loss", "perplexity") and all(
                     v > 0 for pts in series[name].values() for _, v in pts):
                 ax.set_yscale("log")
             ax.legend()
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
+        if not names:  # nothing logged (yet): an empty, still labelled panel
+            axes[0, 0].set(title="no metrics logged", xlabel=xlabel, ylabel="value")
+            axes[0, 0].axis("on")
+        fig.suptitle(f"training curves: {self.workdir.name}")
         fig.tight_layout()
-        out = self.workdir / filename
-        fig.savefig(out, dpi=90)
-        plt.close(fig)
-        return out
+        return save_figure(fig, self.workdir / filename, dpi=90)
 
 
 def _wandb_run(project: str, workdir: pathlib.Path, config: dict | None):
