@@ -12,6 +12,7 @@ anything is written; so does a workdir another run holds (its lock names the pid
 and exit 130 / 143 (see train/loop.py).
 """
 import contextlib
+import errno
 import importlib
 import json
 import pathlib
@@ -31,6 +32,8 @@ from jaxcourse.parallel import distributed
 from jaxcourse.errors import ConfigError, UserError
 
 Experiment = Callable[..., dict]
+# A full or failing disk while writing outputs is the user's to fix: one line, not a traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES}
 
 
 def _usage(chapter: str, experiments: dict, default_config: str) -> str:
@@ -147,6 +150,12 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"{prog}: error: cannot write in {workdir}: {e.strerror} "
+              f"({errno.errorcode[e.errno]})", file=sys.stderr)
+        raise SystemExit(1)
     except KeyboardInterrupt:  # outside the loop, which saves and exits on its own.
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130)

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxcourse import ch2, ch4, config, workdir as workdir_lib
+from jaxcourse import ch2, ch4, cli, config, workdir as workdir_lib
 from jaxcourse.data import pipeline
 from jaxcourse.errors import ConfigError, Interrupted, UserError, WorkdirBusy
 from jaxcourse.train import Task, TrainingDiverged, loop, train
@@ -276,5 +276,17 @@ def test_disk_full_during_save_is_one_line_and_keeps_earlier_checkpoints(tmp_pat
     assert f"{tmp_path}/checkpoints" in message and calls == [5, 10]
     monkeypatch.undo()
     assert ckpt_steps(tmp_path) == [5]
-    state, _ = run_loop(small_config(steps=5), tmp_path)  # step 5 restores: nothing to train.
+    with pytest.warns(UserWarning, match="changed config"):  # step 5 restores, nothing to train
+        state, _ = run_loop(small_config(steps=5), tmp_path)
     assert int(state.step) == 5
+
+
+def test_disk_full_writing_outputs_is_one_line_naming_the_workdir(tmp_path, capsys,
+                                                                  monkeypatch):
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(cli, "write_json", full)
+    code, err = main_exit(ch2.main, [CH2, f"--workdir={tmp_path}"], capsys)
+    assert code == 1 and err.strip() == (f"jaxcourse.ch2: error: cannot write in {tmp_path}: "
+                                         "No space left on device (ENOSPC)")

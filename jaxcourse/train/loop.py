@@ -196,7 +196,7 @@ class _Run:
     def diverged(self, what: str):
         keep = (f"step {self.last_saved} in {self.ckpt.directory}; rerun with changed settings "
                 "(e.g. a lower optimizer.lr) to resume from it" if self.last_saved is not None
-                else f"none saved yet in {self.ckpt.directory}")
+                else f"none saved yet in {self.ckpt.directory} (a rerun starts afresh)")
         raise TrainingDiverged(f"{what}; stopped. Last good checkpoint: {keep}")
 
     def check_finite(self, end: int) -> None:
