@@ -24,10 +24,18 @@ _pending: dict[pathlib.Path, Callable[[], None]] = {}
 
 
 def _holder(path: pathlib.Path) -> str:
+    """`pid N` from the lock file, flagged when N is gone: then a child it forked still holds
+    the open lock (the kernel frees a flock only with its last open descriptor)."""
     try:
-        pid = path.read_text().split()[0]
-    except (OSError, IndexError):
+        pid = int(path.read_text().split()[0])
+    except (OSError, IndexError, ValueError):
         return "an unknown process"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid}, no longer running: a process it started still holds the lock"
+    except PermissionError:
+        pass  # alive, another user's
     return f"pid {pid}"
 
 

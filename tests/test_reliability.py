@@ -130,7 +130,8 @@ def test_ch4_diverges_without_a_poisoned_checkpoint_then_trains_survives_sigint_
 HOLDER = """import fcntl, os, sys, time
 f = open(sys.argv[1], "a+")
 fcntl.flock(f, fcntl.LOCK_EX)
-f.seek(0); f.truncate(); f.write(f"{os.getpid()}\\n"); f.flush()
+pid = sys.argv[2] if len(sys.argv) > 2 else os.getpid()
+f.seek(0); f.truncate(); f.write(f"{pid}\\n"); f.flush()
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -288,3 +289,20 @@ def test_disk_full_writing_outputs_is_one_line_naming_the_workdir(tmp_path, caps
     code, err = main_exit(ch2.main, [CH2, f"--workdir={tmp_path}"], capsys)
     assert code == 1 and err.strip() == (f"jaxcourse.ch2: error: cannot write in {tmp_path}: "
                                          "No space left on device (ENOSPC)")
+
+
+def test_a_lock_kept_by_a_child_of_a_dead_run_says_so(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs, standing for the run that forked the holder
+    lock = tmp_path / workdir_lib.LOCK_NAME
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), str(gone.pid)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkdirBusy, match=f"pid {gone.pid}, no longer running: a process "
+                                              "it started still holds the lock"):
+            with workdir_lib.locked(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
