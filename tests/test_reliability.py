@@ -239,6 +239,19 @@ def test_sigterm_saves_and_resume_is_bitwise(tmp_path, monkeypatch):
     assert rows("resumed") == rows("straight")
 
 
+def test_early_stopping_after_a_resume_stops_where_a_straight_run_does(tmp_path, monkeypatch):
+    cfg = small_config(steps=30, patience=1, eval_every=5)
+    cfg.optimizer.update(lr=0.0, schedule="constant", warmup_steps=0)  # never improves
+    _, straight = run_loop(cfg, tmp_path / "straight")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 0)
+        with pytest.raises(Interrupted, match="SIGINT at step 5"):
+            run_loop(cfg, tmp_path / "resumed")
+    _, resumed = run_loop(cfg, tmp_path / "resumed")
+    assert straight["stopped_early"] and resumed["stopped_early"]
+    assert resumed["steps"] == straight["steps"] == 10
+
+
 def run_loop(cfg, workdir):
     data = regression_data()
     return train(regression_task(), cfg, workdir, pipeline.batches(data, 16, cfg.train.seed),

@@ -138,7 +138,7 @@ class _Run:
         abstract, shardings = state_shardings(task, self.plan, first, init, rng)
         self.ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep)
         restored = self.ckpt.restore_latest(abstract)
-        self.train_row = {}
+        self.train_row, meta = {}, {}
         if restored is None:
             with without_rules():
                 self.state, self.start = jax.jit(init, out_shardings=shardings)(rng), 0
@@ -161,7 +161,11 @@ class _Run:
             eval_jit = self.eval_fn
             self.eval_fn = lambda p, s, b: eval_jit(p, s, self.plan.put_eval(b))  # noqa: E731
         self.eval_metrics = {}
-        self.best_eval, self.stale_evals, self.stopped_early = float("inf"), 0, False
+        # Early stopping's count goes into the checkpoint too: a resumed run stops where a
+        # straight one would.
+        best = meta.get("best_eval")
+        self.best_eval = float("inf") if best is None else float(best)
+        self.stale_evals, self.stopped_early = int(meta.get("stale_evals", 0)), False
         self.progress = _Progress(tc.steps, self.start)
         self.first_end, self.t_first = None, None  # the first call compiles: time from its end.
         self.t_end = None
@@ -228,7 +232,10 @@ class _Run:
         self.check_finite(end)
         t0 = time.perf_counter()
         self.ckpt.save(end, self.state, {"data_position": end, "config": _flat_config(self.cfg),
-                                         "train_row": self.train_row})
+                                         "train_row": self.train_row,
+                                         "best_eval": (self.best_eval if np.isfinite(self.best_eval)
+                                                       else None),
+                                         "stale_evals": self.stale_evals})
         self.saving += time.perf_counter() - t0
         self.last_saved = end
 
