@@ -8,9 +8,13 @@
 NAME is a config file's path or its short name (`ch4_gpt`, see jaxcourse/config.py). Before
 jax starts, the run takes the machine's defaults (jaxcourse/machine.py): CPU cores as devices
 for a data mesh, and a persistent compilation cache (`--no-cache` or JAXCOURSE_CACHE=off).
-`--name value` works as well as `--name=value`. Bad arguments exit 2 with one line naming the
-problem, before anything is written. A `UserError` raised while running exits 1 with one line.
+`--name value` works as well as `--name=value`. Bad arguments and out-of-range values exit 2 with one line naming the problem, before
+anything is written; so does a workdir another run holds (its lock names the pid). A
+`UserError` raised while running exits 1 with one line; SIGINT / SIGTERM save a checkpoint
+and exit 130 / 143 (see train/loop.py).
 """
+import contextlib
+import errno
 import importlib
 import json
 import pathlib
@@ -25,10 +29,13 @@ import numpy as np
 import jaxcourse
 from jaxcourse import config as config_lib
 from jaxcourse import figures, helptext, machine, report
+from jaxcourse import workdir as workdir_lib
 from jaxcourse.parallel import distributed
 from jaxcourse.errors import ConfigError, UserError
 
 Experiment = Callable[..., dict]
+# A full or failing disk while writing outputs is the user's to fix: one line, not a traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES}
 
 
 VALUE_FLAGS = ("--config", "--workdir")  # and every --config.KEY
@@ -82,6 +89,7 @@ def parse(chapter: str, experiments: dict, default_config: str, argv: list[str])
     if cfg.experiment not in experiments:
         raise ConfigError(
             f"config key experiment={cfg.experiment!r} is not one of {', '.join(experiments)}")
+    config_lib.check_ranges(cfg)
     if workdir is None:
         workdir = pathlib.Path("runs") / chapter / f"{stem.removeprefix(chapter + '_')}-{preset}"
     cfg.lock()
@@ -127,26 +135,45 @@ def run_chapter(chapter: str, experiments: dict[str, Experiment], default_config
         if main_process:
             print(f"{prog}: {jax.device_count()} {jax.default_backend()} devices, "
                   f"compilation cache {cache_dir or 'off'}")
-        workdir.mkdir(parents=True, exist_ok=True)
+        # Process 0 holds the workdir's lock for the whole run; config.json waits until the
+        # run's checkpoints (if any) are known to fit this config.
         if main_process:
-            write_json(workdir / "config.json", cfg.to_dict())
-        start = time.time()
-        with figures.run(f"{chapter} {stem}:{preset}") as saved:  # stamped on every PNG
-            metrics = experiments[cfg.experiment](cfg, workdir)
-        summary = {
-            "chapter": chapter, "experiment": stem, "preset": preset,
-            "wall_seconds": round(time.time() - start, 2), "metrics": metrics,
-            "devices": jax.device_count(), "config": cfg.to_dict(),
-        }
-        if main_process:
-            write_json(workdir / "summary.json", summary)
-            print(f"{prog}: wrote {workdir}/summary.json")
-            print(report.results_summary(summary, workdir, saved), flush=True)
+            lock = workdir_lib.locked(workdir)
         else:
-            print(f"{prog}: process {jax.process_index()} finished")
+            lock = contextlib.nullcontext()
+            workdir.mkdir(parents=True, exist_ok=True)
+
+        def write_config():
+            if main_process:
+                write_json(workdir / "config.json", cfg.to_dict())
+
+        with lock, workdir_lib.write_when_resumable(workdir, write_config):
+            start = time.time()
+            with figures.run(f"{chapter} {stem}:{preset}") as saved:  # stamped on every PNG
+                metrics = experiments[cfg.experiment](cfg, workdir)
+            summary = {
+                "chapter": chapter, "experiment": stem, "preset": preset,
+                "wall_seconds": round(time.time() - start, 2), "metrics": metrics,
+                "devices": jax.device_count(), "config": cfg.to_dict(),
+            }
+            if main_process:
+                write_json(workdir / "summary.json", summary)
+                print(f"{prog}: wrote {workdir}/summary.json")
+                print(report.results_summary(summary, workdir, saved), flush=True)
+            else:
+                print(f"{prog}: process {jax.process_index()} finished")
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, ConfigError) else 1)
+        raise SystemExit(e.exit_code)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"{prog}: error: cannot write in {workdir}: {e.strerror} "
+              f"({errno.errorcode[e.errno]})", file=sys.stderr)
+        raise SystemExit(1)
+    except KeyboardInterrupt:  # outside the loop, which saves and exits on its own.
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130)
     return summary
 
 

@@ -8,7 +8,10 @@ naming the key.
 """
 import ast
 import importlib.util
+import math
 import pathlib
+import re
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,11 +86,78 @@ def load(spec: str) -> tuple[ml_collections.ConfigDict, str, str]:
         raise ConfigError(f"unknown preset {preset!r} for {path_str}; choose one of {', '.join(PRESETS)}")
     spec_ = importlib.util.spec_from_file_location(f"jaxcourse_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path_str} defines no get_config(preset)")
-    cfg = module.get_config(preset)
+    try:
+        spec_.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path_str} defines no get_config(preset)")
+        cfg = module.get_config(preset)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's file: one line with file:line.
+        raise ConfigError(_where(e, path)) from None
     return cfg, path.stem, preset
+
+
+def _where(error: Exception, path: pathlib.Path) -> str:
+    """`file:line: SyntaxError: message` for an error raised by (or in) a config file: the
+    line in the user's file, not the import machinery's traceback."""
+    if isinstance(error, SyntaxError):
+        return f"{error.filename}:{error.lineno}: SyntaxError: {error.msg}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if pathlib.Path(f.filename).resolve() == path.resolve()]
+    line = f"{path}:{frames[-1].lineno}" if frames else str(path)
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{line}: {type(error).__name__}: {text}"
+
+
+# Ranges of numeric keys, by the key's last name (any section: train.batch_size,
+# finetune.batch_size, lm.eval_batch_size, ...); the first matching rule applies.
+_RANGES = (
+    (r"log_every|steps_per_call|grad_accum|keep", lambda v: v >= 1, ">= 1"),
+    (r"warmup_steps|\w*every|patience|seed|weight_decay|clip_norm|\w*_weight",
+     lambda v: v >= 0, ">= 0"),
+    (r"\w*batch_size|\w*steps|\w*_batches", lambda v: v >= 1, ">= 1"),
+    (r"lr", lambda v: v > 0, "> 0"),
+    (r"ema_decay|b1|b2|momentum|dropout\w*", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (r"min_lr_ratio|\w*_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+)
+# 0 means "off" or "someone else's value" for these keys.
+_ZERO_MEANS_OFF = {"lm.monitor_batches", "judge.steps"}
+
+
+def check_ranges(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first numeric key out of its range (a batch size of
+    -1, a learning rate of 0, log_every=0, ...), so a bad value stops before any file is
+    written instead of as a traceback minutes into a run."""
+    flat = _flatten(cfg)
+    for key, value in flat.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key} must be a finite number, got {value}")
+        if key in _ZERO_MEANS_OFF and value == 0:
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        for pattern, ok, text in _RANGES:
+            if re.fullmatch(pattern, leaf):
+                if not ok(value):
+                    raise ConfigError(f"config key {key} must be {text}, got {value}")
+                break
+    t = cfg.get("train")
+    if t is not None and "grad_accum" in t and t.batch_size % t.grad_accum:
+        raise ConfigError(f"config key train.batch_size={t.batch_size} is not divisible by "
+                          f"train.grad_accum={t.grad_accum}")
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
 
 
 def resolve(path_str: str) -> pathlib.Path:

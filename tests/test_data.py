@@ -1,5 +1,6 @@
 """Data sources, raw-format readers (on small files written here) and pipelines."""
 import gzip
+import io
 import pickle
 
 import numpy as np
@@ -164,3 +165,27 @@ def test_tfds_sources_are_read_by_random_access():
     except ImportError:
         with pytest.raises(UserError, match="needs tensorflow_datasets"):
             sources.load_tfds("mnist")
+
+
+# Damaged pickles that escaped the reader as raw exceptions, and the type each raised.
+_BAD_PICKLES = {
+    "unknown codec": (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x0d\x00\x00\x00"
+                      b"no-such-codec\x86R.", LookupError),
+    "length past the address space": (b"\x80\x04\x8e" + (2**63 + 5).to_bytes(8, "little"),
+                                      OverflowError),
+    "length of 4 EiB": (b"\x80\x04\x8e" + (2**62).to_bytes(8, "little"), MemoryError),
+    "truncated": (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}, protocol=2)[:-40],
+                  Exception),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_PICKLES))
+def test_every_damaged_cifar_pickle_is_one_line_naming_the_file(tmp_path, name):
+    raw, raw_error = _BAD_PICKLES[name]
+    with pytest.raises(raw_error):  # what the unpickler itself raises: the case is real.
+        sources._ArraysOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    for batch in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / batch).write_bytes(raw)
+    with pytest.raises(UserError, match=r"corrupt CIFAR-10 batch .*data_batch_1: \w+") as e:
+        sources.read_cifar10(tmp_path)
+    assert len(str(e.value).splitlines()) == 1

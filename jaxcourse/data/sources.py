@@ -163,8 +163,10 @@ def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
         d = _ArraysOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
         data = np.asarray(d[b"data"], np.uint8)
         labels = np.asarray(d[b"labels"], np.int32)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"corrupt CIFAR-10 batch {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways (LookupError,
+        # OverflowError, MemoryError, ...): every one is a corrupt file, not a bug.
+        text = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"corrupt CIFAR-10 batch {path}: {type(e).__name__}: {text}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise UserError(f"corrupt CIFAR-10 batch {path}: data {data.shape}, labels {labels.shape}")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels

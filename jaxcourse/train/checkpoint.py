@@ -1,9 +1,15 @@
 """The one checkpoint path: orbax, a state pytree plus a JSON `meta` record.
 
-`meta` holds the data position and the shapes of every saved array, so a resume can
-refuse a checkpoint written by a different model with a clear message instead of an
-orbax traceback. Incomplete or corrupt checkpoints are skipped with a warning.
+`meta` holds the data position, the shapes of every saved array (so a resume can refuse a
+checkpoint written by a different model with a clear message instead of an orbax traceback)
+and a sha256 of every array's bytes. A restore verifies the checksums and that every value is
+finite; a checkpoint that fails (unreadable, corrupt, tampered, non-finite) is moved aside as
+`<step>.corrupt-<ns>` (never deleted) with a warning, and the previous one is used. An OSError
+while writing (disk full, I/O error) becomes one line naming the folder.
 """
+import errno as errno_lib
+import hashlib
+import os
 import pathlib
 import time
 import warnings
@@ -13,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcourse.errors import UserError
+from jaxcourse.train.state import all_finite
 
 
 def tree_signature(tree) -> dict[str, str]:
@@ -22,6 +29,40 @@ def tree_signature(tree) -> dict[str, str]:
         if hasattr(leaf, "shape"):
             out[jax.tree_util.keystr(path)] = f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
     return out
+
+
+def tree_checksums(tree) -> dict[str, str] | None:
+    """{"params/Dense_0/kernel": sha256 hex, ...} of every array leaf's bytes; None when several
+    processes share the arrays (no process sees every shard, so none can hash the whole)."""
+    if jax.process_count() > 1:
+        return None
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    arrays = jax.device_get([_plain_array(leaf) for _, leaf in leaves])
+    return {jax.tree_util.keystr(path): hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+            for (path, _), a in zip(leaves, arrays) if hasattr(a, "shape")}
+
+
+def _plain_array(leaf):
+    if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(leaf)
+    return leaf
+
+
+def io_error(error: BaseException, directory: pathlib.Path) -> UserError | None:
+    """One-line UserError for an OSError with an errno (ENOSPC, EIO, EDQUOT, EROFS, ...) found in
+    `error` or its causes (orbax wraps them in its async machinery); None if there is none."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            name = errno_lib.errorcode.get(e.errno, str(e.errno))
+            return UserError(f"cannot write a checkpoint in {directory}: {os.strerror(e.errno)} "
+                             f"({name}); earlier checkpoints there are untouched")
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
 
 
 class Checkpointer:
@@ -36,26 +77,44 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, tree, meta: dict) -> None:
-        meta = {**meta, "step": int(step), "signature": tree_signature(tree)}
-        if int(step) in self._mngr.all_steps():  # a damaged one skipped at restore: keep it aside.
-            self._mngr.wait_until_finished()
-            old = self.directory / str(int(step))
-            old.rename(old.with_name(f"{old.name}.corrupt-{time.time_ns()}"))
-            self._mngr.reload()
-        self._mngr.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
+        meta = {**meta, "step": int(step), "signature": tree_signature(tree),
+                "checksums": tree_checksums(tree)}
+        try:
+            if int(step) in self._mngr.all_steps():  # a damaged one skipped at restore.
+                self._mngr.wait_until_finished()
+                self._set_aside(int(step))
+            self._mngr.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001 - re-raised, an OSError inside as one line.
+            raise io_error(e, self.directory) or e
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - re-raised, an OSError inside as one line.
+            raise io_error(e, self.directory) or e
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
-    def restore_latest(self, abstract_tree):
-        """Newest restorable checkpoint as (tree, meta), or None if there is none.
+    def _set_aside(self, step: int) -> pathlib.Path:
+        """Renames `<step>` to `<step>.corrupt-<ns>`: out of the way, kept for inspection."""
+        old = self.directory / str(step)
+        new = old.with_name(f"{old.name}.corrupt-{time.time_ns()}")
+        if jax.process_index() == 0:
+            old.rename(new)
+        self._mngr.reload()
+        return new
 
-        Raises UserError if checkpoints exist but none can be read, or if they were
-        written for differently shaped arrays (another model or config).
+    def _skip(self, step: int, problem: str) -> None:
+        new = self._set_aside(step)
+        warnings.warn(f"skipping {problem} checkpoint {self.directory}/{step}; moved to {new}")
+
+    def restore_latest(self, abstract_tree):
+        """Newest good checkpoint as (tree, meta), or None if there is none.
+
+        Raises UserError if checkpoints exist but none is good (all are moved aside), or if
+        they were written for differently shaped arrays (another model or config).
         """
         for tmp in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
             warnings.warn(f"skipping incomplete checkpoint {tmp} (the run stopped mid-save)")
@@ -66,22 +125,40 @@ class Checkpointer:
                 meta = self._mngr.restore(step, args=ocp.args.Composite(
                     meta=ocp.args.JsonRestore())).meta
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped.
-                warnings.warn(f"skipping unreadable checkpoint {self.directory}/{step}: "
-                              f"{type(e).__name__}")
+                self._skip(step, f"unreadable ({type(e).__name__})")
                 continue
             _check_signature(meta.get("signature", {}), want, self.directory / str(step))
             try:
                 tree = self._mngr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_tree))).state
             except Exception as e:  # noqa: BLE001
-                warnings.warn(f"skipping corrupt checkpoint {self.directory}/{step}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                self._skip(step, f"corrupt ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+                continue
+            problem = _verify(tree, meta)
+            if problem:
+                self._skip(step, problem)
                 continue
             return tree, meta
         if steps:
-            raise UserError(f"no readable checkpoint in {self.directory} (tried steps {steps}); "
-                            "move the directory away to start afresh")
+            raise UserError(f"no good checkpoint in {self.directory} (steps {steps} were moved "
+                            "aside, see the warnings); run again to start afresh")
         return None
+
+
+def _verify(tree, meta: dict) -> str | None:
+    """What is wrong with a restored tree, or None: a checksum that differs from the one
+    saved (a flipped bit on disk), or a non-finite value (written before the finite guard)."""
+    saved = meta.get("checksums")
+    if saved:
+        now = tree_checksums(tree) or {}
+        bad = [k for k in sorted(saved) if k in now and now[k] != saved[k]]
+        if bad:
+            return f"corrupt (checksum mismatch in {bad[0]})"
+    # Several processes: their saves were checked finite inside the compiled step already.
+    if jax.process_count() == 1 and not bool(all_finite(tree)):
+        return "non-finite"
+    return None
 
 
 def _check_signature(saved: dict, want: dict, where) -> None:

@@ -6,13 +6,23 @@ accumulation, bf16 compute, EMA, eval, metrics, checkpoints with exact resume, a
 that stops on a non-finite loss. A run is a list of chunk boundaries; at each one `_Run`
 runs the chunk, then logs, evaluates and saves as the step asks, then `summary` reports.
 
+Reliability: one run per workdir (jaxcourse/workdir.py's lock). Each compiled call also returns
+whether the new state is finite, and nothing non-finite is saved or called good, so a diverged
+run resumes from its last finite checkpoint (with changed settings, e.g. a lower lr). SIGINT or
+SIGTERM let the current call finish, save, and raise `Interrupted` (exit 130 / 143 on the
+command line); a second SIGINT exits at once. The checkpoint's meta keeps the last train row,
+so a rerun of a finished workdir reports the real final loss.
+
 Exactness: step s draws its randomness from fold_in(seed key, s) and its data from
 `train_data[s]`, and chunk boundaries fall on the same steps whether or not a run was
 interrupted, so N steps + resume to 2N reproduces a straight 2N-step run bit for bit.
 """
 import contextlib
+import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Sequence
@@ -23,7 +33,8 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from jaxcourse import report
-from jaxcourse.errors import ConfigError, UserError
+from jaxcourse import workdir as workdir_lib
+from jaxcourse.errors import ConfigError, Interrupted, UserError
 from jaxcourse.parallel.plan import ShardingPlan
 from jaxcourse.parallel.rules import without_rules
 from jaxcourse.train.checkpoint import Checkpointer
@@ -38,7 +49,7 @@ from jaxcourse.train.step import (PRECISIONS, Task, compile_train_step, evaluate
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss or the state became NaN or Inf; the last good (finite) checkpoint is kept."""
 
 
 def _validate(task: Task, cfg, has_eval: bool) -> None:
@@ -46,7 +57,7 @@ def _validate(task: Task, cfg, has_eval: bool) -> None:
     if tc.precision not in PRECISIONS:
         raise ConfigError(f"config key train.precision={tc.precision!r} is not one of "
                           f"{', '.join(PRECISIONS)}")
-    for key in ("steps", "steps_per_call", "grad_accum"):
+    for key in ("steps", "steps_per_call", "grad_accum", "log_every"):
         if tc[key] < 1:
             raise ConfigError(f"config key train.{key} must be >= 1, got {tc[key]}")
     if tc.batch_size % tc.grad_accum:
@@ -136,14 +147,19 @@ class _Run:
         abstract, shardings = state_shardings(task, self.plan, first, init, rng)
         self.ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep)
         restored = self.ckpt.restore_latest(abstract)
+        self.train_row, meta = {}, {}
         if restored is None:
             with without_rules():
                 self.state, self.start = jax.jit(init, out_shardings=shardings)(rng), 0
         else:
             self.state, meta = restored
             self.start = int(meta["data_position"])
-            print(f"resuming from {self.ckpt.directory} at step {self.start}", file=sys.stderr)
+            self.train_row = meta.get("train_row", {})  # a finished run's final row.
+            print(f"resuming from the last good checkpoint, step {self.start} in "
+                  f"{self.ckpt.directory}", file=sys.stderr)
             _warn_config_changes(meta.get("config", {}), _flat_config(cfg))
+        workdir_lib.resumable(workdir)  # the checkpoints fit: held-back config.json goes out.
+        self.finite = True  # of the current state (restored ones are verified finite).
         self.last_saved = self.start if restored else None
         self.main = jax.process_index() == 0  # With several processes, one writes the logs.
         log = cfg.get("log") or {}
@@ -158,8 +174,12 @@ class _Run:
         if self.eval_fn is not None and self.plan is not None:
             eval_jit = self.eval_fn
             self.eval_fn = lambda p, s, b: eval_jit(p, s, self.plan.put_eval(b))  # noqa: E731
-        self.eval_metrics, self.train_row = {}, {}
-        self.best_eval, self.stale_evals, self.stopped_early = float("inf"), 0, False
+        self.eval_metrics = {}
+        # Early stopping's count goes into the checkpoint too: a resumed run stops where a
+        # straight one would.
+        best = meta.get("best_eval")
+        self.best_eval = float("inf") if best is None else float(best)
+        self.stale_evals, self.stopped_early = int(meta.get("stale_evals", 0)), False
         self.progress = _Progress(tc.steps, self.start)
         self.first_end, self.t_first = None, None  # the first call compiles: time from its end.
         self.t_end = None
@@ -176,23 +196,32 @@ class _Run:
         batches = stack_batches(self.train_data, self.start, end - self.start)
         if self.plan is not None:
             batches = self.plan.put_batches(batches)
-        self.state, metrics = self.multi_step(self.state, batches)
+        self.state, metrics, self.finite = self.multi_step(self.state, batches)
         loss = None
         if fetch:
             metrics = jax.device_get(metrics)
             if not np.all(np.isfinite(metrics["loss"])):
                 bad = self.start + int(np.argmin(np.isfinite(metrics["loss"])))
-                keep = (f"step {self.last_saved}" if self.last_saved is not None
-                        else "none saved yet")
-                raise TrainingDiverged(
-                    f"non-finite loss at step {bad + 1}; stopped. Last good checkpoint: "
-                    f"{keep} in {self.ckpt.directory}")
+                self.diverged(f"non-finite loss at step {bad + 1}")
+            self.check_finite(end)
             self.train_row = {f"train/{k}": float(np.mean(v)) for k, v in metrics.items()}
             loss = self.train_row["train/loss"]
         if self.first_end is None:
             jax.block_until_ready(self.state.step)
             self.first_end, self.t_first = end, time.perf_counter()
         return loss
+
+    def diverged(self, what: str):
+        keep = (f"step {self.last_saved} in {self.ckpt.directory}; rerun with changed settings "
+                "(e.g. a lower optimizer.lr) to resume from it" if self.last_saved is not None
+                else f"none saved yet in {self.ckpt.directory} (a rerun starts afresh)")
+        raise TrainingDiverged(f"{what}; stopped. Last good checkpoint: {keep}")
+
+    def check_finite(self, end: int) -> None:
+        """Stops on a non-finite state (params, optimizer state, ...): a loss computed before
+        the update can be finite while the update already poisoned the state."""
+        if not bool(jax.device_get(self.finite)):
+            self.diverged(f"non-finite parameters or optimizer state after step {end}")
 
     def eval_params(self):
         s = self.state
@@ -213,8 +242,14 @@ class _Run:
         self.stopped_early = 0 < self.cfg.train.patience <= self.stale_evals
 
     def save(self, end: int) -> None:
+        """Checkpoint at `end`, only of a finite state; the meta keeps the last train row."""
+        self.check_finite(end)
         t0 = time.perf_counter()
-        self.ckpt.save(end, self.state, {"data_position": end, "config": _flat_config(self.cfg)})
+        self.ckpt.save(end, self.state, {"data_position": end, "config": _flat_config(self.cfg),
+                                         "train_row": self.train_row,
+                                         "best_eval": (self.best_eval if np.isfinite(self.best_eval)
+                                                       else None),
+                                         "stale_evals": self.stale_evals})
         self.saving += time.perf_counter() - t0
         self.last_saved = end
 
@@ -240,6 +275,14 @@ class _Run:
             print(f"early stopping at step {end}: eval loss has not improved for "
                   f"{self.stale_evals} evals", file=sys.stderr)
 
+    def interrupt(self, signum: int, end: int):
+        """After SIGINT / SIGTERM: a checkpoint at `end` (unless one is there), then stop."""
+        if self.last_saved != end:
+            self.save(end)
+        self.ckpt.wait()
+        raise Interrupted(f"{signal.Signals(signum).name} at step {end}: saved a checkpoint in "
+                          f"{self.ckpt.directory}; run the same command again to resume", signum)
+
     def summary(self) -> dict:
         """Final train/eval metrics and throughput (steps after the first, compiling call)."""
         if self.eval_fn is not None and not self.eval_metrics:  # nothing left to train
@@ -256,26 +299,59 @@ class _Run:
                 "stopped_early": self.stopped_early}
 
 
+class _Preemption:
+    """SIGINT / SIGTERM set `signum` (the loop saves and stops at the next chunk boundary);
+    a second SIGINT exits at once. Only the main thread can take signals: elsewhere (a
+    thread running `train`) this does nothing."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            print("second SIGINT: exiting without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum  # one line comes from the Interrupted error once saved.
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def train(task: Task, cfg, workdir: pathlib.Path, train_data,
           eval_data: Sequence | None = None, tx=None) -> tuple[TrainState, dict]:
-    """Trains `task` for cfg.train.steps steps, resuming from workdir's latest checkpoint.
+    """Trains `task` for cfg.train.steps steps, resuming from workdir's latest good checkpoint.
 
     tx: the optax transformation; None builds it from cfg.optimizer (`make_optimizer`).
+    Raises WorkdirBusy if another run holds the workdir, TrainingDiverged on a non-finite loss
+    or state, Interrupted after SIGINT / SIGTERM (a checkpoint saved first).
     """
     _validate(task, cfg, eval_data is not None)
-    run = _Run(task, cfg, pathlib.Path(workdir), train_data, eval_data, tx)
-    with run.context():
-        try:
-            for end in _boundaries(cfg, run.start, eval_data is not None):
-                run.advance(end)
-                if run.stopped_early:
-                    break
-            jax.block_until_ready(run.state.step)
-            run.t_end = time.perf_counter()
-        finally:
-            run.profiler.stop()
-            run.progress.close()
-            run.ckpt.wait()
-            if run.writer is not None:
-                run.writer.close()
-    return run.state, run.summary()
+    workdir = pathlib.Path(workdir)
+    lock = (workdir_lib.locked(workdir) if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock, _Preemption() as preemption:
+        run = _Run(task, cfg, workdir, train_data, eval_data, tx)
+        with run.context():
+            try:
+                for end in _boundaries(cfg, run.start, eval_data is not None):
+                    run.advance(end)
+                    if preemption.signum is not None:
+                        run.interrupt(preemption.signum, end)
+                    if run.stopped_early:
+                        break
+                jax.block_until_ready(run.state.step)
+                run.t_end = time.perf_counter()
+            finally:
+                run.profiler.stop()
+                run.progress.close()
+                run.ckpt.wait()
+                if run.writer is not None:
+                    run.writer.close()
+        return run.state, run.summary()
