@@ -181,8 +181,12 @@ def _model_row(name, cfg, model_cfg, state, final, task, data, domains) -> dict:
 VARIANTS = {
     "base": {},
     "top1": {"model.moe.top_k": 1},
+    # One always-on shared expert + top-1 of 8 (DeepSeek-style): the same active width.
+    "shared_top1": {"model.moe.n_shared": 1, "model.moe.top_k": 1},
+    "capacity_1.25": {"model.moe.capacity_factor": 1.25},
     "capacity_1.0": {"model.moe.capacity_factor": 1.0},
-    "dropless": {"model.moe.capacity_factor": 0.0, "model.moe.impl": "ragged"},
+    # The same dropless math on the sorted grouped-matmul path (lax.ragged_dot).
+    "ragged": {"model.moe.impl": "ragged"},
     "no_balance_loss": {"lm.aux_weights.load_balance": 0.0},
     "no_z_loss": {"lm.aux_weights.z_loss": 0.0},
     "aux_free_bias": {"lm.aux_weights.load_balance": 0.0, "model.moe.bias_rate": 1e-3},

@@ -27,20 +27,21 @@ def test_moe_lab_compares_dense_and_moe_and_checks_expert_parallelism(tmp_path):
     assert m["moe_params"] > 1.4 * m["dense_params"]
     assert m["expert_parallel_devices"] == 4 and m["expert_parallel_max_diff"] < 1e-5
     # dispatch + combine, forward + backward, 2 layers: 4 x 2 x (8 groups / 4 devices) x
-    # 4 experts x capacity 10 x width 32 x 4 bytes, 3/4 of it leaving the device
-    assert m["all_to_all_bytes_per_step"] == 4 * 2 * (2 * 4 * 10 * 32 * 4) * 3 / 4
-    assert 0.0 < m["dropped_fraction"] < 0.5 and m["load_cv"] < 1.0
+    # 4 experts x capacity 16 (dropless: every token of a group) x width 32 x 4 bytes, 3/4 of
+    # it leaving the device
+    assert m["all_to_all_bytes_per_step"] == 4 * 2 * (2 * 4 * 16 * 32 * 4) * 3 / 4
+    assert m["dropped_fraction"] == 0.0 and m["load_cv"] < 1.0
     for png in ("gates.png", "traffic.png", "expert_tokens.png"):
         assert (workdir / png).stat().st_size > 10_000, png
 
 
 def test_ablation_runs_each_variant(tmp_path):
-    _, m = _run(tmp_path, "ablation", "--config.ablation.variants=dropless,aux_free_bias",
+    _, m = _run(tmp_path, "ablation", "--config.ablation.variants=capacity_1.25,aux_free_bias",
                 "--config.train.steps=6")
-    assert m["dropless/dropped_fraction"] == 0.0
-    # capacity 1.25 drops some choices; the bias (not a loss) is what balances this variant
-    assert 0.02 < m["aux_free_bias/dropped_fraction"] < 0.5
-    for name in ("dropless", "aux_free_bias"):
+    assert 0.02 < m["capacity_1.25/dropped_fraction"] < 0.5  # capacity 1.25 drops choices
+    # dropless like the base; the bias (not a loss) is what balances this variant
+    assert m["aux_free_bias/dropped_fraction"] == 0.0
+    for name in ("capacity_1.25", "aux_free_bias"):
         assert np.isfinite(m[f"{name}/val_loss"]) and m[f"{name}/max_expert_share"] < 1.0
 
 
