@@ -35,7 +35,7 @@ from jaxcourse.models import moe_plots, moe_stats  # noqa: E402
 from jaxcourse.models.transformer import gpt_config  # noqa: E402
 from jaxcourse.parallel import memory  # noqa: E402
 from jaxcourse.report import markdown_table, write_results  # noqa: E402
-from jaxcourse.train import train  # noqa: E402
+from jaxcourse.train import make_optimizer, train  # noqa: E402
 from jaxcourse.train.loop import compile_train_step  # noqa: E402
 
 
@@ -76,8 +76,12 @@ def model_configs(cfg, vocab: int):
     return dense, moe
 
 
-def fit(cfg, workdir: pathlib.Path, model_cfg, domains: Domains):
-    """One run of the shared loop; returns (state, final metrics, eval batches)."""
+def fit(cfg, workdir: pathlib.Path, model_cfg, domains: Domains, total_steps: int = 0):
+    """One run of the shared loop; returns (state, final metrics, eval batches).
+
+    total_steps: the learning-rate schedule's length when this call trains only part of a
+    run (the MoE snapshots stop at marks and resume): the schedule must not decay to its
+    end at every mark (0: cfg.train.steps)."""
     data = pipeline.lm_batches(domains.train, cfg.train.batch_size, model_cfg.context,
                                cfg.train.seed)
     per_domain = cfg.lm.eval_tokens // len(domains.names)
@@ -86,7 +90,8 @@ def fit(cfg, workdir: pathlib.Path, model_cfg, domains: Domains):
     evals = pipeline.eval_batches({"inputs": windows[:, :-1], "targets": windows[:, 1:]},
                                   cfg.lm.eval_batch_size)
     task = lm_task(model_cfg, aux_weights=cfg.lm.aux_weights.to_dict())
-    state, final = train(task, cfg, workdir, data, evals)
+    tx = make_optimizer(cfg.optimizer, total_steps or cfg.train.steps)
+    state, final = train(task, cfg, workdir, data, evals, tx=tx)
     return state, final, task, data
 
 
@@ -119,7 +124,8 @@ def run_moe(cfg, workdir: pathlib.Path) -> dict:
             run_cfg = config.derive(cfg, {"train.steps": steps})
             with warnings.catch_warnings():  # continuing to the next mark is the plan
                 warnings.filterwarnings("ignore", "resuming with a changed config: train.steps")
-                state, final, task, data = fit(run_cfg, workdir / name, model_cfg, domains)
+                state, final, task, data = fit(run_cfg, workdir / name, model_cfg, domains,
+                                               total_steps=cfg.train.steps)
             if name == "moe":
                 assign = moe_stats.expert_assignments(model_cfg, state.params, tokens_NxT,
                                                       state.model_state)

@@ -3,6 +3,7 @@ the ablation; the two embedded domains."""
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -53,3 +54,20 @@ def test_two_embedded_domains_share_one_vocabulary():
     assert text.count(" the ") > 5  # English prose, not code
     with pytest.raises(UserError, match="needs two or more"):
         ch7.load_domains(config.derive(cfg, {"lm.domains": "stdlib"}))
+
+
+def test_snapshot_marks_train_like_one_straight_run(tmp_path):
+    """The MoE run stops at marks to look inside and resumes; its learning-rate schedule
+    must span the whole run, not decay to its end at every mark (it once did: the MoE then
+    lost to the dense model it now beats)."""
+    cfg = config.derive(moe_config("smoke"), {"train.steps": 6, "train.steps_per_call": 1,
+                                              "train.eval_every": 0, "train.log_every": 1,
+                                              "optimizer.warmup_steps": 1})
+    domains = ch7.load_domains(cfg)
+    _, moe_cfg = ch7.model_configs(cfg, domains.tokenizer.vocab_size)
+    straight, *_ = ch7.fit(cfg, tmp_path / "straight", moe_cfg, domains)
+    for steps in (3, 6):
+        marked, *_ = ch7.fit(config.derive(cfg, {"train.steps": steps}), tmp_path / "marked",
+                             moe_cfg, domains, total_steps=6)
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(marked.params)):
+        np.testing.assert_array_equal(a, b)
