@@ -108,6 +108,18 @@ def test_rwkv_and_retnet_decode_from_a_constant_size_state(mixer, options):
     assert small == large
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_rwkv_lm_with_the_channel_mix_ffn_decodes_exactly(scan):
+    # the channel-mix's token shift is the ffn's own decode state, beside the mixer's
+    cfg = GPTConfig(**dict(TINY, n_layer=2), mixer="rwkv", ffn="rwkv_cmix", scan_layers=scan,
+                    options={"rwkv": {"chunk": 4, "mix_rank": 4, "decay_rank": 4}})
+    decodes_like_the_full_forward(cfg)
+    cache = GPT(cfg).init_cache(2, 8)["layers"][0]
+    assert cache["ffn"]["shift"].shape == (2, 2, 16)  # [repeats, batch, d_model]
+    small, large = state_shapes(cfg, "rwkv")
+    assert small == large
+
+
 def test_rwkv_channel_mix_ffn_is_causal():
     cfg = GPTConfig(**dict(TINY, n_layer=1), ffn="rwkv_cmix")
     params = init_params(cfg)

@@ -8,7 +8,9 @@ one `nn.scan` over repeats of the pattern (one compiled group of blocks, paramet
 a leading "layers" axis).
 
 The stack's decode state is a tuple with one entry per pattern position, each the mixer's own
-cache stacked over the repeats: for plain attention ({"k", "v": [L, B, S, K, D]},).
+cache stacked over the repeats: for plain attention ({"k", "v": [L, B, S, K, D]},). An ffn
+with a decode state (`init_cache`, e.g. RWKV's channel-mix) adds its own beside the mixer's:
+({"mixer": ..., "ffn": ...},).
 """
 from __future__ import annotations
 
@@ -62,11 +64,14 @@ class Block(nn.Module):
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, BOUNDARY)
         mixer = _sublayer(c, "mixer", self.mixer, causal=self.causal,
                           deterministic=self.deterministic)
+        stateful_ffn = ffn_has_cache(c)
+        mixer_cache, ffn_cache = ((cache["mixer"], cache["ffn"]) if stateful_ffn and cache
+                                  is not None else (cache, None))
         new_cache = []
 
         def mix(h):
             y, layer_cache = mixer(h, positions_T=side["positions"], kv_valid=side["valid"],
-                                   cache=cache, cache_index=side["cache_index"])
+                                   cache=mixer_cache, cache_index=side["cache_index"])
             new_cache.append(layer_cache)
             return y
 
@@ -78,8 +83,18 @@ class Block(nn.Module):
                                          kv_valid=side["context_valid"])[0],
                 "cross_attention")
         ffn = _sublayer(c, "ffn", c.ffn, deterministic=self.deterministic)
-        x_BxTxD = self._residual(x_BxTxD, ffn, ffn.name)
-        return nn.with_logical_constraint(x_BxTxD, BOUNDARY), new_cache[0]
+        if not stateful_ffn:
+            x_BxTxD = self._residual(x_BxTxD, ffn, ffn.name)
+            return nn.with_logical_constraint(x_BxTxD, BOUNDARY), new_cache[0]
+
+        def feed(h):  # an ffn with a decode state (RWKV's token-shifted channel-mix)
+            y, state = ffn(h, cache=ffn_cache)
+            new_cache.append(state)
+            return y
+
+        x_BxTxD = self._residual(x_BxTxD, feed, ffn.name)
+        layer_cache = None if cache is None else {"mixer": new_cache[0], "ffn": new_cache[1]}
+        return nn.with_logical_constraint(x_BxTxD, BOUNDARY), layer_cache
 
 
 class _Group(nn.Module):
@@ -155,12 +170,21 @@ class Stack(nn.Module):
         return body(x_BxTxD, cache, side)
 
 
+def ffn_has_cache(cfg) -> bool:
+    """Whether the ffn keeps a decode state of its own (a class with `init_cache`)."""
+    return hasattr(registry.lookup("ffn", cfg.ffn), "init_cache")
+
+
 def init_stack_cache(cfg, batch_size: int, length: int, dtype) -> tuple:
-    """Each pattern position's mixer cache, stacked over the pattern's repeats."""
+    """Each pattern position's mixer cache, stacked over the pattern's repeats; with an ffn
+    that has a decode state, {"mixer": mixer cache, "ffn": ffn cache} per position."""
     repeats = cfg.n_layer // len(cfg.pattern)
     out = []
     for kind in cfg.pattern:
         one = registry.lookup("mixer", kind).init_cache(
             cfg, cfg.options_for("mixer", kind), batch_size, length, dtype)
+        if ffn_has_cache(cfg):
+            one = {"mixer": one, "ffn": registry.lookup("ffn", cfg.ffn).init_cache(
+                cfg, cfg.options_for("ffn", cfg.ffn), batch_size, length, dtype)}
         out.append(jax.tree.map(lambda a: jnp.repeat(a[None], repeats, axis=0), one))
     return tuple(out)

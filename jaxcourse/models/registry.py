@@ -20,7 +20,9 @@ The contract (see README, "Extending the model"):
         def init_cache(cls, cfg, options, batch_size, length, dtype): ...  # mixers only
 
     feed-forward: from_config(cls, cfg, options, *, name, deterministic) and
-    __call__(self, x_BxTxD) -> y_BxTxD.
+    __call__(self, x_BxTxD) -> y_BxTxD; an ffn with a decode state of its own (RWKV's
+    token-shifted channel-mix) also defines init_cache and is called as
+    __call__(self, x_BxTxD, *, cache) -> (y_BxTxD, new_cache).
 
 Any sublayer may emit auxiliary losses and metrics with `aux.sow_loss` / `aux.sow_metric`.
 """

@@ -219,9 +219,10 @@ def _group_norm(module, y_BxTxHxK, h, size, eps=64e-5):
 class RWKVChannelMix(nn.Module):
     """out = sigmoid(W_r x_r) * W_v relu(W_k x_k)^2, x_r and x_k token-shifted.
 
-    The ffn interface has no decode state, so the shift sees zeros before the first token
-    of each call: full-sequence training and scoring are exact, but cached decoding would
-    need the block to carry an ffn cache (the previous token's input) and is not exact yet.
+    An ffn with a decode state: the token shift needs the previous token's input, so the
+    block calls it as `ffn(x, cache=...) -> (y, new cache)` and keeps {"shift": [B, D]}
+    beside the mixer's cache (block.py); without a cache the shift sees zeros before the
+    first token, as at the start of a cached decode, so decoding equals the full forward.
     """
     cfg: object
     slot_name = "rwkv_cmix"
@@ -230,11 +231,15 @@ class RWKVChannelMix(nn.Module):
     def from_config(cls, cfg, options=None, *, name, deterministic=True):
         return cls(cfg, name=name)
 
+    @classmethod
+    def init_cache(cls, cfg, options, batch_size, length, dtype):
+        return {"shift": jnp.zeros((batch_size, cfg.d_model), dtype)}
+
     @nn.compact
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD, *, cache=None):
         c = self.cfg
         d = x_BxTxD.shape[-1]
-        dx = _token_shift(x_BxTxD, None) - x_BxTxD
+        dx = _token_shift(x_BxTxD, None if cache is None else cache["shift"]) - x_BxTxD
         xk = x_BxTxD + dx * self.param("maa_k", _ramp(d, 0.5), (d,))
         xr = x_BxTxD + dx * self.param("maa_r", _ramp(d, 0.5), (d,))
 
@@ -245,4 +250,6 @@ class RWKVChannelMix(nn.Module):
 
         k = jnp.square(nn.relu(dense(c.ff_dim, ("embed", "mlp"), "key")(xk)))
         kv = dense(d, ("mlp", "embed"), "value")(k)
-        return nn.sigmoid(dense(d, ("embed", None), "receptance")(xr)) * kv
+        y = nn.sigmoid(dense(d, ("embed", None), "receptance")(xr)) * kv
+        new = None if cache is None else {"shift": x_BxTxD[:, -1].astype(cache["shift"].dtype)}
+        return y, new
