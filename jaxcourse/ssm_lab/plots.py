@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcourse.figures import save_figure  # noqa: E402
+
 
 def read_curve(workdir: pathlib.Path, key: str) -> tuple[list, list]:
     """(steps, values) of `key` in a run's metrics.jsonl."""
@@ -48,8 +50,7 @@ def plot_decode_cost(contexts, ms: dict[str, list], mib: dict[str, list], title:
     axes[2].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
+    save_figure(fig, path, dpi=70)
 
 
 def total_seconds(contexts, ms_per_token) -> np.ndarray:
@@ -69,8 +70,7 @@ def plot_curves(curves: dict[str, tuple], title: str, ylabel: str, path: pathlib
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def plot_accuracy(names: list[str], accuracy: list[float], chance: float, title: str,
@@ -85,5 +85,4 @@ def plot_accuracy(names: list[str], accuracy: list[float], chance: float, title:
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
