@@ -1,17 +1,14 @@
 """The serving engine: paged cache, continuous batching, per-request sampling, no recompiles.
 
-One tiny random GPT (2 layers, GQA, context 32) and one warmed-up engine for the module:
-3 slots, blocks of 4 tokens, a pool of 16 blocks (two whole-context sequences at a time).
+One warmed-up engine of the tiny GPT for the module (tests/serve_tiny.py): 3 slots, blocks of
+4 tokens, a pool of 16 blocks (two whole-context sequences at a time).
 """
-import string
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from serve_tiny import CFG, TOK, tiny_engine, tiny_params
 
-from jaxcourse.data.tokenizers import CharTokenizer
 from jaxcourse.errors import UserError
 from jaxcourse.models import decode
 from jaxcourse.models.transformer import GPT, GPTConfig
@@ -19,22 +16,15 @@ from jaxcourse.serve import paged_cache
 from jaxcourse.serve.engine import Engine, Request, SamplingParams
 from jaxcourse.serve.sampling import row_keys, sample_rows
 
-TOK = CharTokenizer(string.ascii_lowercase + string.digits + " .,\n")
-CFG = GPTConfig(vocab_size=TOK.vocab_size, context=32, n_layer=2, n_head=4, n_kv_head=2,
-                d_model=32)
-
 
 @pytest.fixture(scope="module")
 def params():
-    return nn.meta.unbox(GPT(CFG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return tiny_params()
 
 
 @pytest.fixture(scope="module")
 def engine(params):
-    eng = Engine(CFG, params, slots=3, block_size=4, num_blocks=17, buckets=(8, 32),
-                 decode_text=TOK.decode)
-    eng.warmup()
-    return eng
+    return tiny_engine(params)
 
 
 def _prompt(n, seed):

@@ -29,7 +29,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=8, help="concurrent decode slots")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--num-blocks", type=int, default=0,
-                   help="KV blocks in the pool (0: every slot can hold a whole context)")
+                   help="KV blocks in the pool, the scratch block 0 included (0: every slot "
+                   "can hold a whole context)")
+    p.add_argument("--buckets", default="", help="prompt lengths prefill pads to, e.g. "
+                   "16,64,256 (default: powers of two from 16, and the context)")
     p.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
     return p.parse_args(argv)
 
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg, params, tok, source = default_model.find_or_train(
             args.model, pathlib.Path(args.workdir))
         eng = engine.Engine(model_cfg, params, slots=args.slots, block_size=args.block_size,
-                            num_blocks=args.num_blocks, decode_text=tok.decode,
+                            num_blocks=args.num_blocks, buckets=_buckets(args.buckets),
+                            decode_text=tok.decode,
                             metrics=metrics.ServeMetrics())
         eng.warmup()
         name = pathlib.Path(source).name
@@ -55,6 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"jaxcourse.serve: error: {e}", file=sys.stderr)
         raise SystemExit(1)
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise UserError(f"--buckets={text!r} is not a comma-separated list of lengths") from None
 
 
 if __name__ == "__main__":
