@@ -194,3 +194,11 @@ def test_python_m_jaxcourse_serve_main_serves_a_saved_model(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:  # a missing model: one line, exit 1
         serve_main.main(["--model", str(tmp_path / "nothing"), "--no-cache"])
     assert e.value.code == 1 and "model.json missing" in capsys.readouterr().err
+
+
+def test_jaxcourse_serve_is_the_console_command(capsys):
+    from jaxcourse import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--help"])
+    assert e.value.code == 0 and "python -m jaxcourse.serve" in capsys.readouterr().out
