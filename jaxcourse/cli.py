@@ -187,6 +187,8 @@ def chapters() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """The `jaxcourse` console command: `jaxcourse ch4 [chapter arguments]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # jaxcourse serve ...: python -m jaxcourse.serve ...
+        return importlib.import_module("jaxcourse.serve.__main__").main(argv[1:])
     names = chapters()
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: jaxcourse {{{','.join(names)}}} [--config=NAME[:preset]] ...\n"

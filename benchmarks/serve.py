@@ -1,0 +1,183 @@
+"""Serving throughput and latency: the engine behind the HTTP server vs one request at a time.
+
+    python benchmarks/serve.py [--model DIR] [--requests 32] [--clients 1,8,32] [--slots 8]
+                               [--max-tokens 48] [--out FILE.json]
+
+The same `--requests` greedy completions (prompts of 8, 16 or 32 characters of the embedded
+stdlib corpus) are served four ways, one after the other:
+    generate      models/decode.generate, one request after the other (its compiled loop
+                  for each prompt length is warmed up first and not timed)
+    http C=1..32  the server of jaxcourse/serve (engine thread + uvicorn, in this process) with
+                  C concurrent streaming clients (httpx.AsyncClient), each taking the next
+                  request when its last one finished
+Reported: output tokens/s over the whole batch of requests (wall clock), p50 / p99 time to
+first token and inter-token latency as the clients see them (one SSE chunk per token: the
+model's tokenizer is character level), and the load average of the machine, since clients,
+server and engine share its cores. Without --model, a random GPT of chapter 4's CPU size
+(4 layers, width 128, context 128) over the corpus's characters: speed does not depend on
+the weights.
+"""
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+def _model(args):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcourse.data import sources, tokenizers
+    from jaxcourse.lm import load_model
+    from jaxcourse.models.transformer import GPT, GPTConfig
+
+    text = sources.embedded_text("stdlib")[:200_000]
+    if args.model:
+        cfg, params, tok = load_model(args.model)
+    else:
+        tok = tokenizers.CharTokenizer.from_text(text)
+        cfg = GPTConfig(vocab_size=tok.vocab_size, context=128, n_layer=4, n_head=4,
+                        d_model=128, pos="learned", norm="layernorm")
+        params = nn.meta.unbox(GPT(cfg).init(jax.random.key(0),
+                                             jnp.zeros((1, 1), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    prompts = []
+    for i in range(args.requests):
+        n = (8, 16, 32)[i % 3]
+        start = int(rng.integers(0, len(text) - n))
+        prompts.append(text[start:start + n])
+    return cfg, params, tok, prompts
+
+
+def _one_at_a_time(cfg, params, tok, prompts, max_tokens):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcourse.models import decode
+    from jaxcourse.models.transformer import GPT
+
+    def run(p):
+        return jax.block_until_ready(decode.generate(
+            GPT(cfg), params, jnp.asarray([tok.encode(p)]), None, max_new_tokens=max_tokens,
+            temperature=0.0))
+
+    for n in sorted({len(p) for p in prompts}):  # compile every prompt length first
+        run(next(p for p in prompts if len(p) == n))
+    start = time.perf_counter()
+    for p in prompts:
+        run(p)
+    seconds = time.perf_counter() - start
+    return {"mode": "generate, one at a time", "clients": 1, "seconds": seconds,
+            "tokens": len(prompts) * max_tokens,
+            "tokens_per_second": len(prompts) * max_tokens / seconds}
+
+
+async def _clients(base, prompts, max_tokens, concurrency):
+    import httpx
+
+    todo = list(enumerate(prompts))
+    ttft, itl, tokens = [], [], 0
+
+    async def client(http):
+        nonlocal tokens
+        while todo:
+            _, prompt = todo.pop(0)
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True}
+            sent = last = time.perf_counter()
+            async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    now = time.perf_counter()
+                    if json.loads(line[6:])["choices"][0]["text"]:
+                        (ttft if last == sent else itl).append(now - last)
+                        tokens += 1
+                        last = now
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return time.perf_counter() - start, tokens, ttft, itl
+
+
+def _served(cfg, params, tok, prompts, args):
+    from jaxcourse.serve.engine import Engine, Request, SamplingParams
+    from jaxcourse.serve.metrics import ServeMetrics
+    from jaxcourse.serve.server import ServerThread, make_app
+
+    engine = Engine(cfg, params, slots=args.slots, block_size=args.block_size,
+                    decode_text=tok.decode, metrics=ServeMetrics())
+    engine.warmup()
+    reqs = [Request(tok.encode(q), SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
+            for q in prompts]
+    start = time.perf_counter()
+    done = engine.complete(reqs)  # all at once, in this thread, no HTTP
+    seconds = time.perf_counter() - start
+    tokens = sum(len(d["tokens"]) for d in done)
+    rows = [{"mode": f"engine, no HTTP, {args.slots} slots", "clients": len(prompts),
+             "seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}]
+    print(rows[-1], flush=True)
+    engine.start()
+    server = ServerThread(make_app(engine, tok, "bench"))
+    base = f"http://127.0.0.1:{server.start()}"
+    try:
+        asyncio.run(_clients(base, prompts[:2], 4, 2))  # the HTTP path's first calls
+        for c in args.clients:
+            seconds, tokens, ttft, itl = asyncio.run(_clients(base, prompts, args.max_tokens, c))
+            ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 2) if xs else None
+            rows.append({"mode": f"http, {args.slots} slots", "clients": c, "seconds": seconds,
+                         "tokens": tokens, "tokens_per_second": tokens / seconds,
+                         "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
+                         "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99)})
+            print(rows[-1], flush=True)
+    finally:
+        server.stop()
+        engine.stop()
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    import jax
+
+    cfg, params, tok, prompts = _model(args)
+    load = os.getloadavg()
+    rows = [_one_at_a_time(cfg, params, tok, prompts, args.max_tokens)]
+    print(rows[-1], flush=True)
+    rows += _served(cfg, params, tok, prompts, args)
+    load = [round(x, 2) for x in (*load, *os.getloadavg())]
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {os.cpu_count()} cores, "
+          f"load average before {load[:3]}, after {load[3:]}; model {args.model or 'random'} "
+          f"{cfg.n_layer}x{cfg.d_model}, context {cfg.context}; {args.requests} requests, "
+          f"prompts of 8/16/32 tokens, {args.max_tokens} new tokens each, greedy\n")
+    print("| mode | clients | output tokens/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        lat = lambda a, b: f"{r[a]} / {r[b]}" if a in r else "-"
+        print(f"| {r['mode']} | {r['clients']} | {r['tokens_per_second']:.0f} | "
+              f"{lat('ttft_p50_ms', 'ttft_p99_ms')} | {lat('itl_p50_ms', 'itl_p99_ms')} |")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps({"load_average": load, "rows": rows},
+                                                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

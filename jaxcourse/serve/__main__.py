@@ -1,0 +1,72 @@
+"""python -m jaxcourse.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--workdir DIR]
+
+Serves a saved model (`jaxcourse.lm.save_model`'s folder, e.g. runs/ch4/gpt-cpu) over HTTP:
+POST /v1/completions (OpenAI-compatible, streaming with "stream": true), GET /health,
+GET /metrics. Without --model: runs/ch4/gpt-cpu if present, else a tiny GPT trained in
+seconds into the workdir. Binds loopback unless --host says otherwise.
+
+    curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\
+         -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from jaxcourse import machine
+from jaxcourse.errors import UserError
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxcourse.serve", description=__doc__.split(
+        "\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="folder of a saved model (default: runs/ch4/gpt-cpu, "
+                   "else a tiny one trained into the workdir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workdir", default="runs/serve", help="where a tiny default model goes")
+    p.add_argument("--slots", type=int, default=8, help="concurrent decode slots")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--num-blocks", type=int, default=0,
+                   help="KV blocks in the pool, the scratch block 0 included (0: every slot "
+                   "can hold a whole context)")
+    p.add_argument("--buckets", default="", help="prompt lengths prefill pads to, e.g. "
+                   "16,64,256 (default: powers of two from 16, and the context)")
+    p.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else list(argv))
+    try:
+        machine.compilation_cache(not args.no_cache)
+        # Imported here: jax starts after the compilation cache is configured.
+        from jaxcourse.serve import default_model, engine, metrics, server  # noqa: PLC0415
+
+        model_cfg, params, tok, source = default_model.find_or_train(
+            args.model, pathlib.Path(args.workdir))
+        eng = engine.Engine(model_cfg, params, slots=args.slots, block_size=args.block_size,
+                            num_blocks=args.num_blocks, buckets=_buckets(args.buckets),
+                            decode_text=tok.decode,
+                            metrics=metrics.ServeMetrics())
+        eng.warmup()
+        name = pathlib.Path(source).name
+        print(f"serve: {source} (context {model_cfg.context}, {args.slots} slots, "
+              f"{eng.layout.num_blocks - 1} blocks of {args.block_size}) on "
+              f"http://{args.host}:{args.port}", flush=True)
+        server.run_server(eng, tok, name, args.host, args.port)
+    except UserError as e:
+        print(f"jaxcourse.serve: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise UserError(f"--buckets={text!r} is not a comma-separated list of lengths") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""A continuous-batching decode engine over a paged KV cache (Yu et al. 2022, "Orca";
+Kwon et al. 2023, "vLLM").
+
+    engine = Engine(model_cfg, params, slots=8, decode_text=tok.decode)
+    results = engine.complete([Request(prompt_ids, SamplingParams(max_tokens=32))])
+
+A fixed number of decode slots; requests wait in a queue, join a free slot when its blocks
+can be reserved (paged_cache.BlockAllocator), are prefilled alone into that slot's blocks
+(prompts padded to a few bucket lengths), then advance one token per engine step together
+with every other running request, and leave as soon as they finish, freeing slot and blocks.
+
+Both compiled functions have static shapes (the slot count, the table width, the bucket
+lengths), so after `warmup()` a new request never compiles anything. They run the model's
+own modules: the decode step gathers each slot's blocks into the dense cache layout of the
+attention mixer (models/attention.py), applies the GPT to one token per slot (vmapped over
+slots, each at its own position) and scatters the new keys and values back into the pool.
+
+The engine is driven by `step()`; `start()` runs it in one background thread (the server),
+`complete()` runs it in the caller's thread (tests, benchmarks). `submit` and `cancel` are
+thread-safe; everything else belongs to the thread that steps.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import secrets
+import threading
+import time
+import traceback
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcourse.errors import UserError
+from jaxcourse.models.transformer import GPT, GPTConfig
+from jaxcourse.serve import paged_cache
+from jaxcourse.serve.sampling import row_keys, sample_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's settings (OpenAI's completion fields). seed None: a random seed."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise UserError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise UserError("temperature and top_k must be >= 0 and top_p in (0, 1]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise UserError("stop must be non-empty strings")
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request's sink receives: one per token, the last with a finish_reason
+    ("length", "stop", "cancelled" or "error", then `error` says why)."""
+    tokens: list[int]
+    text: str
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams = SamplingParams()
+    sink: Callable[[Event], None] | None = None
+    id: int = -1
+    arrival: float = 0.0
+
+
+@dataclasses.dataclass
+class _Running:
+    req: Request
+    seed: int
+    max_tokens: int
+    blocks: list[int]
+    reserved: int            # blocks reserved but not taken yet
+    length: int              # positions whose keys / values are in the pool
+    generated: list[int] = dataclasses.field(default_factory=list)
+    emitted: int = 0         # characters of the text already sent
+    last_time: float = 0.0
+
+
+def default_buckets(context: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to the context, and the context itself."""
+    out, n = [], min(smallest, context)
+    while n < context:
+        out.append(n)
+        n *= 2
+    return (*out, context)
+
+
+class Engine:
+    def __init__(self, model_cfg: GPTConfig, params, *, slots: int = 8, block_size: int = 16,
+                 num_blocks: int = 0, buckets: tuple[int, ...] = (),
+                 decode_text: Callable[[list[int]], str] | None = None, metrics=None):
+        if any(kind != "attention" for kind in model_cfg.pattern):
+            raise UserError(f"serve: the paged cache holds attention keys and values; "
+                            f"model mixers {model_cfg.pattern} are not all 'attention'")
+        self.cfg = model_cfg
+        self.model = GPT(model_cfg)
+        self.params = nn.meta.unbox(params)
+        self.layout = paged_cache.PagedLayout(
+            model_cfg.n_layer, model_cfg.kv_heads, model_cfg.head_dim, model_cfg.context,
+            block_size=block_size, num_blocks=num_blocks, slots=slots)
+        self.buckets = tuple(sorted(set(buckets))) or default_buckets(model_cfg.context)
+        if self.buckets[-1] > model_cfg.context or self.buckets[0] < 1:
+            raise UserError(f"serve: buckets {self.buckets} must lie in 1..context "
+                            f"{model_cfg.context}")
+        self.decode_text = decode_text
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.blocks_total.set(self.layout.num_blocks - 1)
+        self.pool = paged_cache.init_pool(self.layout, model_cfg.compute_dtype)
+        self.allocator = paged_cache.BlockAllocator(self.layout.num_blocks)
+        self.tables = np.zeros((slots, self.layout.blocks_per_slot), np.int32)
+        self.running: list[_Running | None] = [None] * slots
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cancelled: set[int] = set()
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # Shared by engines of one model config: their compiled steps are reused.
+        self.prefill_fn = functools.partial(_prefill_jit, self.model)
+        self.step_fn = functools.partial(_decode_step_jit, self.model)
+
+    # ---- the thread-safe interface ------------------------------------------------------
+
+    def submit(self, req: Request) -> int:
+        """Queues a request (UserError if it cannot fit the context); returns its id.
+        max_tokens is cut to what the context leaves after the prompt."""
+        n = len(req.prompt)
+        if n < 1:
+            raise UserError("the prompt must hold at least one token")
+        if n >= self.cfg.context:
+            raise UserError(f"prompt has {n} tokens; the model context {self.cfg.context} "
+                            "leaves no room for a completion")
+        if self.layout.blocks_for(n + self.layout.block_size) > self.layout.num_blocks - 1:
+            raise UserError("the KV pool is too small for this prompt")
+        if req.params.stop and self.decode_text is None:
+            raise UserError("stop strings need an engine with a tokenizer (decode_text)")
+        with self._cond:
+            req.id = next(self._ids)
+            req.arrival = req.arrival or time.perf_counter()
+            self._waiting.append(req)
+            self._cond.notify()
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stops a queued or running request (its sink gets finish_reason "cancelled")."""
+        with self._cond:
+            self._cancelled.add(request_id)
+            self._cond.notify()
+
+    @property
+    def queue_length(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def start(self) -> None:
+        """Steps the engine in a background thread until `stop()`."""
+        self._thread = threading.Thread(target=self._loop, name="serve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- driving it ----------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Compiles the decode step and one prefill per bucket (writes go to scratch)."""
+        s, m = self.tables.shape
+        zeros = np.zeros(s, np.int32)
+        self.pool, _ = self.step_fn(self.params, self.pool, self.tables, zeros, zeros,
+                                    zeros.astype(np.float32), zeros, np.ones(s, np.float32),
+                                    zeros, zeros)
+        for t in self.buckets:
+            self.pool, _ = self.prefill_fn(self.params, self.pool, np.zeros((1, t), np.int32),
+                                           np.int32(0), np.zeros(m, np.int32), *_scalars())
+        jax.block_until_ready(self.pool)
+
+    @staticmethod
+    def compilations() -> int:
+        """Compiled variants of the two step functions, over all engines of this process
+        (constant after warmup)."""
+        return _prefill_jit._cache_size() + _decode_step_jit._cache_size()
+
+    def has_work(self) -> bool:
+        with self._cond:
+            return bool(self._waiting or self._cancelled) or any(self.running)
+
+    def step(self) -> None:
+        """Cancellations, admissions (each one prefill), then one decode step."""
+        self._handle_cancelled()
+        self._admit()
+        self._decode()
+        if self.metrics is not None:
+            self.metrics.state(self.allocator.in_use, self.queue_length,
+                               sum(r is not None for r in self.running))
+
+    def complete(self, requests: list[Request]) -> list[dict]:
+        """Runs `requests` to the end in this thread: [{"tokens", "text", "finish_reason"}]."""
+        results = [{"tokens": [], "text": "", "finish_reason": None} for _ in requests]
+        for req, res in zip(requests, results):
+            def sink(ev, res=res, inner=req.sink):
+                res["tokens"] += ev.tokens
+                res["text"] += ev.text
+                res["finish_reason"] = ev.finish_reason or res["finish_reason"]
+                if inner is not None:
+                    inner(ev)
+            self.submit(dataclasses.replace(req, sink=sink))
+        while self.has_work():
+            self.step()
+        return results
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not (self._waiting or self._cancelled
+                                              or any(self.running)):
+                    self._cond.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+                traceback.print_exc()
+                self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _handle_cancelled(self) -> None:
+        with self._cond:
+            cancelled, self._cancelled = self._cancelled, set()
+            kept = [r for r in self._waiting if r.id not in cancelled]
+            dropped = [r for r in self._waiting if r.id in cancelled]
+            self._waiting = collections.deque(kept)
+        for req in dropped:
+            _send(req, Event([], "", "cancelled"))
+        for slot, run in enumerate(self.running):
+            if run is not None and run.req.id in cancelled:
+                self._finish(slot, "cancelled")
+
+    def _admit(self) -> None:
+        while None in self.running:
+            with self._cond:
+                if not self._waiting:
+                    return
+                req = self._waiting[0]
+                n = len(req.prompt)
+                max_tokens = min(req.params.max_tokens, self.cfg.context - n)
+                # Positions written: the prompt and every generated token but the last.
+                need = self.layout.blocks_for(n + max_tokens - 1)
+                if not self.allocator.reserve(need):
+                    return  # admission waits for blocks; the queue keeps its order
+                self._waiting.popleft()
+            slot = self.running.index(None)
+            seed = req.params.seed if req.params.seed is not None else secrets.randbits(31)
+            run = _Running(req, seed % 2**31, max_tokens, [], need, n)
+            self.running[slot] = run
+            self._grow(slot, n)
+            bucket = next(b for b in self.buckets if b >= n)
+            tokens = np.zeros((1, bucket), np.int32)
+            tokens[0, :n] = req.prompt
+            p = req.params
+            self.pool, first = self.prefill_fn(
+                self.params, self.pool, tokens, np.int32(n), self.tables[slot],
+                *_scalars(p.temperature, p.top_k, p.top_p, run.seed))
+            if self.metrics is not None:
+                self.metrics.prompt(n)
+            self._emit(slot, int(first))
+
+    def _grow(self, slot: int, n_positions: int) -> None:
+        """Takes blocks until the slot holds n_positions."""
+        run = self.running[slot]
+        while len(run.blocks) < self.layout.blocks_for(n_positions):
+            block = self.allocator.take()
+            run.reserved -= 1
+            self.tables[slot, len(run.blocks)] = block
+            run.blocks.append(block)
+
+    def _decode(self) -> None:
+        active = [i for i, r in enumerate(self.running) if r is not None]
+        if not active:
+            return
+        s = len(self.running)
+        tokens, positions = np.zeros(s, np.int32), np.zeros(s, np.int32)
+        temp, top_k = np.zeros(s, np.float32), np.zeros(s, np.int32)
+        top_p, seeds, counters = np.ones(s, np.float32), np.zeros(s, np.int32), np.zeros(s, np.int32)
+        for i in active:
+            run = self.running[i]
+            self._grow(i, run.length + 1)
+            p = run.req.params
+            tokens[i], positions[i] = run.generated[-1], run.length
+            temp[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+            seeds[i], counters[i] = run.seed, len(run.generated)
+        self.pool, nxt = self.step_fn(self.params, self.pool, self.tables, tokens, positions,
+                                      temp, top_k, top_p, seeds, counters)
+        nxt = np.asarray(nxt)
+        for i in active:
+            self.running[i].length += 1
+            self._emit(i, int(nxt[i]))
+
+    def _emit(self, slot: int, token: int) -> None:
+        run = self.running[slot]
+        now = time.perf_counter()
+        if self.metrics is not None:
+            first = not run.generated
+            self.metrics.token(now - (run.req.arrival if first else run.last_time), first)
+        run.last_time = now
+        run.generated.append(token)
+        stops = run.req.params.stop
+        if self.decode_text is None:
+            done = len(run.generated) >= run.max_tokens
+            _send(run.req, Event([token], "", "length" if done else None))
+            if done:
+                self._finish(slot, "length", send=False)
+            return
+        text = self.decode_text(run.generated)
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:  # the text ends before the earliest stop string, which is not sent
+            cut = min(hits)
+            _send(run.req, Event([token], text[run.emitted:max(cut, run.emitted)], "stop"))
+            self._finish(slot, "stop", send=False)
+            return
+        if len(run.generated) >= run.max_tokens:
+            _send(run.req, Event([token], text[run.emitted:], "length"))
+            self._finish(slot, "length", send=False)
+            return
+        # Hold back what could be the start of a stop string, or half a UTF-8 character.
+        safe = len(text) - max((len(s) - 1 for s in stops), default=0)
+        while safe > run.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        safe = max(safe, run.emitted)
+        _send(run.req, Event([token], text[run.emitted:safe]))
+        run.emitted = safe
+
+    def _finish(self, slot: int, reason: str, error: str = "", *, send: bool = True):
+        """Frees the slot and its blocks; `send`: the last event (else already sent)."""
+        run = self.running[slot]
+        self.running[slot] = None
+        self.allocator.release(run.blocks, run.reserved)
+        self.tables[slot] = paged_cache.SCRATCH
+        if self.metrics is not None:
+            self.metrics.finished(reason)
+        if send:
+            _send(run.req, Event([], "", reason, error or None))
+
+    def _fail_all(self, message: str) -> None:
+        for slot, run in enumerate(self.running):
+            if run is not None:
+                self._finish(slot, "error", message)
+
+
+def _send(req: Request, event: Event) -> None:
+    if req.sink is not None:
+        req.sink(event)
+
+
+def _scalars(temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    return (np.float32(temperature), np.int32(top_k), np.float32(top_p), np.int32(seed))
+
+
+def _prefill(model, params, pool, tokens_1xT, length, table_M, temperature, top_k, top_p,
+             seed):
+    """The prompt (padded to T) through the model into its blocks; samples token 0."""
+    cache = model.init_cache(1, tokens_1xT.shape[1])
+    logits_1xTxV, cache = model.apply({"params": params}, tokens_1xT, cache=cache)
+    kv = jax.tree.map(lambda a: a[:, 0], cache["layers"][0])          # [L, T, K, D]
+    pool = paged_cache.write_prompt(pool, table_M, length, kv)
+    last_V = jax.lax.dynamic_index_in_dim(logits_1xTxV[0], length - 1, keepdims=False)
+    key = row_keys(seed[None], jnp.zeros((1,), jnp.int32))
+    token = sample_rows(last_V[None], key, temperature[None], top_k[None], top_p[None])[0]
+    return pool, token
+
+
+def _decode_step(model, params, pool, table_SxM, tokens_S, positions_S, temperature_S,
+                 top_k_S, top_p_S, seeds_S, counters_S):
+    """One token for every slot at its own position; free slots compute on scratch."""
+    view = paged_cache.gather(pool, table_SxM)                         # [L, S, P, K, D]
+
+    def one(view_slot, token, position):
+        layers = (jax.tree.map(lambda a: a[:, None], view_slot),)     # [L, 1, P, K, D]
+        logits, cache = model.apply({"params": params}, token[None, None],
+                                    cache={"layers": layers, "index": position})
+        kv = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a[:, 0], position, axis=1,
+                                                                 keepdims=False),
+                          cache["layers"][0])                          # [L, K, D]
+        return logits[0, 0], kv
+
+    logits_SxV, kv = jax.vmap(one, in_axes=(1, 0, 0), out_axes=(0, 1))(
+        view, tokens_S, positions_S)
+    pool = paged_cache.write_token(pool, table_SxM, positions_S, kv)
+    keys = row_keys(seeds_S, counters_S)
+    return pool, sample_rows(logits_SxV, keys, temperature_S, top_k_S, top_p_S)
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
+_decode_step_jit = jax.jit(_decode_step, static_argnums=0, donate_argnums=2)

@@ -1,0 +1,140 @@
+"""A paged KV cache (Kwon et al. 2023, "vLLM / PagedAttention", section 4.1).
+
+Keys and values live in fixed-size blocks of one pool per layer; a sequence owns a list of
+blocks (its block table), allocated as it grows and freed when it finishes, so memory is
+spent on tokens that exist rather than on `context` positions per slot.
+
+    pool  {"k", "v": [L, num_blocks, block_size, K, D]}   (the L layers' pools, stacked)
+    table [slots, blocks_per_slot] int32                   (0 = the scratch block)
+
+Block 0 is never handed out: it is the scratch block that unused table entries point at and
+padding positions are written to, so every gather and scatter has a static shape and never
+needs a branch. Whatever it holds sits at positions past a sequence's length, which the
+causal mask hides.
+
+`gather` turns a slot's blocks into the dense [L, S, K, D] layout the model's own attention
+mixer reads (models/attention.py); `write_token` / `write_prompt` scatter the keys and values
+the model produced back into the pool. `BlockAllocator` is the host-side free list.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxcourse.errors import UserError
+
+SCRATCH = 0  # The block unused table entries point at.
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedLayout:
+    """Sizes of the pool: `num_blocks` blocks (block 0 included) of `block_size` tokens."""
+    n_layer: int
+    kv_heads: int
+    head_dim: int
+    context: int
+    block_size: int = 16
+    num_blocks: int = 0   # 0: enough for every slot to hold a whole context, plus scratch.
+    slots: int = 8
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.slots < 1:
+            raise UserError(f"serve: block_size={self.block_size} and slots={self.slots} "
+                            "must be positive")
+        if self.num_blocks == 0:
+            object.__setattr__(self, "num_blocks", self.slots * self.blocks_per_slot + 1)
+        if self.num_blocks < self.blocks_per_slot + 1:
+            raise UserError(f"serve: num_blocks={self.num_blocks} cannot hold one sequence "
+                            f"of the context {self.context} ({self.blocks_per_slot} blocks "
+                            f"of {self.block_size} + the scratch block)")
+
+    @property
+    def blocks_per_slot(self) -> int:
+        """Table width: blocks of one sequence as long as the context."""
+        return -(-self.context // self.block_size)
+
+    @property
+    def view_length(self) -> int:
+        """Positions of a slot's dense view (the context rounded up to whole blocks)."""
+        return self.blocks_per_slot * self.block_size
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+
+def init_pool(layout: PagedLayout, dtype) -> dict:
+    shape = (layout.n_layer, layout.num_blocks, layout.block_size, layout.kv_heads,
+             layout.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def gather(pool: dict, table_SxM) -> dict:
+    """Dense per-slot views {"k", "v": [L, S, M * block_size, K, D]} of the slots' blocks."""
+    def one(pool_LxNxBxKxD):
+        n_layer, _, bs, kh, d = pool_LxNxBxKxD.shape
+        s, m = table_SxM.shape
+        return pool_LxNxBxKxD[:, table_SxM].reshape(n_layer, s, m * bs, kh, d)
+    return jax.tree.map(one, pool)
+
+
+def write_token(pool: dict, table_SxM, positions_S, kv: dict) -> dict:
+    """Writes one token per slot, kv {"k", "v": [L, S, K, D]}, at its position."""
+    bs = pool["k"].shape[2]
+    blocks_S = jnp.take_along_axis(table_SxM, (positions_S // bs)[:, None], axis=1)[:, 0]
+    offsets_S = positions_S % bs
+    return {name: pool[name].at[:, blocks_S, offsets_S].set(kv[name].astype(pool[name].dtype))
+            for name in pool}
+
+
+def write_prompt(pool: dict, table_M, length, kv: dict) -> dict:
+    """Writes one sequence's first `length` positions, kv {"k", "v": [L, T, K, D]} (T a
+    padded bucket length); the padding goes to the scratch block."""
+    bs = pool["k"].shape[2]
+    t = kv["k"].shape[1]
+    pos_T = jnp.arange(t)
+    blocks_T = jnp.where(pos_T < length, table_M[jnp.minimum(pos_T // bs, table_M.shape[0] - 1)],
+                         SCRATCH)
+    return {name: pool[name].at[:, blocks_T, pos_T % bs].set(kv[name].astype(pool[name].dtype))
+            for name in pool}
+
+
+class BlockAllocator:
+    """The free list of blocks 1 .. num_blocks-1, with reservations.
+
+    A sequence reserves the blocks its longest possible continuation needs when it is
+    admitted and takes them one by one as it grows, so a running sequence never finds the
+    pool empty (no preemption); finishing early returns both what it took and what it had
+    reserved."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, SCRATCH, -1))  # pop() hands out 1, 2, ...
+        self._reserved = 0
+
+    @property
+    def free(self) -> int:
+        """Blocks neither in use nor reserved."""
+        return len(self._free) - self._reserved
+
+    @property
+    def in_use(self) -> int:
+        return self.num_blocks - 1 - len(self._free)
+
+    def reserve(self, n: int) -> bool:
+        if n > self.free:
+            return False
+        self._reserved += n
+        return True
+
+    def take(self) -> int:
+        """One reserved block."""
+        if self._reserved < 1:
+            raise RuntimeError("took a block that was not reserved")
+        self._reserved -= 1
+        return self._free.pop()
+
+    def release(self, blocks: list[int], unreserve: int) -> None:
+        self._free.extend(reversed(blocks))
+        self._reserved -= unreserve
