@@ -28,7 +28,7 @@ def test_smoke_suite_writes_every_measurement(tmp_path):
     attention = {r["impl"]: r for r in results["attention"]["records"]}
     assert attention["cudnn"]["error"] == "n/a"           # needs a GPU
     assert attention["pallas"]["max_abs_err"] < 2e-2      # bf16 kernel vs XLA: a few ulps
-    assert attention["pallas"]["fwd_tflops"] > 0 and attention["xla"]["fwd_bwd_tflops"] > 0
+    assert all("error" not in attention[i] for i in ("xla", "pallas"))  # both were timed
 
     gmm = {(r["impl"], r["pass"]): r for r in results["grouped_matmul"]["records"]}
     assert set(gmm) == {(i, p) for i in ("ragged_dot", "pallas", "dense")
@@ -40,7 +40,10 @@ def test_smoke_suite_writes_every_measurement(tmp_path):
     [mfu] = results["gpt_mfu"]["records"]
     # XLA's FLOP count also holds softmax, norms and the optimizer: a little above the matmuls.
     assert 1.0 <= mfu["flops_per_token_xla"] / mfu["flops_per_token_by_hand"] < 1.3
-    assert 0 < mfu["mfu"] <= 1 and mfu["tokens_per_second"] > 0
+    # MFU is what it claims to be: tokens/s x FLOPs per token / peak.
+    achieved = mfu["tokens_per_second"] * mfu["flops_per_token_by_hand"]
+    assert math.isclose(mfu["mfu"], achieved / mfu["peak_flops_per_second"], rel_tol=1e-6)
+    assert mfu["mfu"] <= 1
 
     [resnet] = results["cifar_resnet_step"]["records"]
     assert resnet["batch"] == 32 and math.isfinite(resnet["step_ms"])

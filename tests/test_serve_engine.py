@@ -58,7 +58,6 @@ def test_gather_and_write_roundtrip():
     np.testing.assert_array_equal(view[:, 1, :5], kv_prompt["k"][:, :5])
     np.testing.assert_array_equal(view[:, 1, 5], -1.0)
     np.testing.assert_array_equal(view[:, 0, 2], -1.0)
-    assert float(jnp.abs(pool["k"][:, [1, 2, 3, 4, 5]]).sum()) > 0
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.3, 0, 0.6),
