@@ -1,27 +1,33 @@
-"""Attention kernels on one GPU: pallas_kernels.flash_attention vs jax.nn.dot_product_attention.
+"""Attention kernels on one GPU: pallas_kernels.flash_attention (Mosaic GPU and Triton
+lowerings) vs jax.nn.dot_product_attention (XLA, cuDNN) and tokamax, in the same run.
 
 Measures TFLOP/s of the forward and of forward+backward for head_dim 64 and 128, sequence
-lengths 1k-16k, causal and not, in bfloat16, for: this repo's Pallas kernel (Triton lowering),
-jax.nn.dot_product_attention(implementation="xla") and (implementation="cudnn"), and
-tokamax.dot_product_attention when tokamax is importable. All in the same run.
+lengths 1k-16k, causal and not, in bfloat16, for:
+    mosaic   pallas_kernels.flash_attention(impl="mosaic")   (TMA, wgmma, warp specialisation)
+    triton   pallas_kernels.flash_attention(impl="triton")   (deprecated lowering, the fallback)
+    xla      jax.nn.dot_product_attention(implementation="xla")
+    cudnn    jax.nn.dot_product_attention(implementation="cudnn")
+    tokamax  tokamax.dot_product_attention, when tokamax is importable
 
 Shapes follow the FlashAttention-2 paper's benchmark (Section 4.1): batch * seq = 16k tokens,
 hidden size 2048 (32 heads of 64 or 16 heads of 128). FLOPs counted as there: forward
-4 * B * H * T * T * D (halved when causal), forward+backward 3.5 times that.
-Each cell also records the largest difference from the XLA result (output and dq), so the
-first GPU run doubles as a correctness check of the compiled kernels.
+4 * B * H * T * T * D (halved when causal), forward+backward 3.5 times that. Every record
+also holds the largest difference from XLA's result in the same run (the output for "fwd",
+the output and dq/dk/dv for "fwd_bwd"), so a GPU run doubles as a check of the compiled kernels.
 
-    python benchmarks/attention.py [--table attention.md] [--out FILE.json] [--seqs 1024,...]
-    python benchmarks/attention.py --smoke     # CPU: a tiny interpret-mode shape, tests the script
+    python benchmarks/attention.py [--out FILE.json] [--seqs 1024,...] [--head-dims 64,128]
+    python benchmarks/attention.py --table FILE.json     # markdown table from a JSON (BENCHMARKS.md)
+    python benchmarks/attention.py --smoke               # CPU, interpret mode: tests the script
 
-Raw JSON (benchmarks/records.py format) goes to benchmarks/results/ or --out: one record per
-implementation and cell, {"kernel": "attention", "impl", "head_dim", "seq", "batch", "heads",
-"causal", "dtype", "fwd_tflops", "fwd_bwd_tflops", "max_abs_err"} ("error" when it failed).
+Raw JSON (benchmarks/records.py format) goes to benchmarks/results/ or --out; one record per
+(cell, implementation, pass): {"kernel": "attention", "impl", "pass": "fwd" | "fwd_bwd",
+"dtype", "batch", "seq", "heads", "head_dim", "causal", "tflops", "max_abs_err"}, with
+"error" (and tflops null) when that implementation failed or is unavailable.
 
 Without a GPU (and without --smoke) it refuses: CPU timings of interpret mode mean nothing.
 """
 import argparse
-import datetime
+import json
 import pathlib
 import statistics
 import sys
@@ -35,23 +41,29 @@ import pallas_kernels as pk  # noqa: E402
 import records as records_lib  # noqa: E402  (benchmarks/records.py)
 
 TOKENS, HIDDEN = 16384, 2048
+PASSES = ("fwd", "fwd_bwd")
 
 
 def implementations(smoke):
     """name -> attention(q, k, v, causal) in the [B, T, H, D] layout; None if unavailable."""
     # xla first: it is the baseline the others' errors are measured against.
+    interpret = True if smoke else None
     impls = {
         "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="xla"),
         "cudnn": None if smoke else lambda q, k, v, causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"),
-        "pallas": lambda q, k, v, causal: pk.flash_attention(q, k, v, causal=causal,
-                                                             interpret=True if smoke else None),
+        "mosaic": lambda q, k, v, causal: pk.flash_attention(
+            q, k, v, causal=causal, impl="mosaic", interpret=interpret),
+        "triton": lambda q, k, v, causal: pk.flash_attention(
+            q, k, v, causal=causal, impl="triton", interpret=interpret),
+        "tokamax": None,
     }
     try:
         import tokamax  # pylint: disable=import-outside-toplevel
-        impls["tokamax"] = None if smoke else lambda q, k, v, causal: tokamax.dot_product_attention(
-            q, k, v, is_causal=causal)
+        if not smoke:
+            impls["tokamax"] = lambda q, k, v, causal: tokamax.dot_product_attention(
+                q, k, v, is_causal=causal)
     except ImportError:
         pass
     return impls
@@ -74,120 +86,122 @@ def time_call(fn, args, repeats):
     return statistics.median(times)
 
 
-def _programs(attention, causal):
+def _programs(attention, causal, cotangent):
+    """The jitted forward, and forward+backward as out plus (dq, dk, dv) for a fixed dO."""
     fwd = jax.jit(lambda q, k, v: attention(q, k, v, causal))
 
-    def loss(q, k, v):
-        return attention(q, k, v, causal).astype(jnp.float32).sum()
-    return fwd, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda *a: attention(*a, causal), q, k, v)
+        return (out, *vjp(cotangent))
+    return {"fwd": fwd, "fwd_bwd": jax.jit(fwd_bwd)}
+
+
+def _max_err(got, want):
+    leaves = zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    return max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+               for a, b in leaves)
 
 
 def _short(err):
-    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ("OOM" if "RESOURCE_EXHAUSTED" in line or "out of memory" in line.lower()
-            else line[:60])
+    line = records_lib.error_line(err)
+    return "OOM" if "RESOURCE_EXHAUSTED" in line or "out of memory" in line.lower() else line
 
 
 def measure(impls, seq, dim, causal, dtype, repeats, batch=None):
-    """One table row: {impl: (fwd TFLOP/s, fwd+bwd TFLOP/s, max err vs xla) or error}."""
+    """Records of one cell (shape, causal): every implementation, both passes."""
     heads = HIDDEN // dim if batch is None else 2
     batch = max(1, TOKENS // seq) if batch is None else batch
-    keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, (batch, seq, heads, dim), dtype) for key in keys)
-    row, baseline = {}, None
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, cotangent = (jax.random.normal(key, (batch, seq, heads, dim), dtype)
+                          for key in keys)
+    cell = {"kernel": "attention", "dtype": jnp.dtype(dtype).name, "batch": batch, "seq": seq,
+            "heads": heads, "head_dim": dim, "causal": causal}
+    records, baseline = [], {}
     for name, attention in impls.items():
-        if attention is None:
-            row[name] = "n/a"
-            continue
-        try:
-            fwd, fwd_bwd = _programs(attention, causal)
-            t_fwd = time_call(fwd, (q, k, v), repeats)
-            t_all = time_call(fwd_bwd, (q, k, v), repeats)
-            out, (dq, _, _) = fwd(q, k, v), fwd_bwd(q, k, v)[1]
-        except Exception as err:  # pylint: disable=broad-except
-            row[name] = _short(err)
-            continue
-        if name == "xla":
-            baseline = (out, dq)
-        err = None if baseline is None else max(
-            float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-            for a, b in zip((out, dq), baseline))
-        row[name] = (flops(batch, seq, heads, dim, causal, "fwd") / t_fwd / 1e12,
-                     flops(batch, seq, heads, dim, causal, "fwd+bwd") / t_all / 1e12, err)
-    return (batch, heads), row
+        programs = None if attention is None else _programs(attention, causal, cotangent)
+        for mode in PASSES:
+            record = {**cell, "impl": name, "pass": mode, "tflops": None, "max_abs_err": None}
+            records.append(record)
+            if programs is None:
+                record["error"] = "n/a"
+                continue
+            try:
+                seconds = time_call(programs[mode], (q, k, v), repeats)
+                result = programs[mode](q, k, v)
+            except Exception as err:  # pylint: disable=broad-except
+                record["error"] = _short(err)
+                continue
+            record["tflops"] = flops(batch, seq, heads, dim, causal, mode) / seconds / 1e12
+            if name == "xla":
+                baseline[mode] = result
+            elif mode in baseline:
+                record["max_abs_err"] = _max_err(result, baseline[mode])
+    return records
 
 
-def table(results, names, header):
-    lines = header + ["", "| head_dim | seq | batch x heads | causal | "
-                      + " | ".join(f"{n} fwd | {n} fwd+bwd" for n in names)
-                      + " | pallas max err vs xla (out, dq) |",
-                      "|" + "---|" * (5 + 2 * len(names))]
-    for (dim, seq, causal), ((batch, heads), row) in results:
-        cells = []
-        for n in names:
-            cell = row[n]
-            cells += ([f"{cell[0]:.3g}", f"{cell[1]:.3g}"] if isinstance(cell, tuple)
-                      else [cell, cell])
-        pallas = row.get("pallas")
-        err = pallas[2] if isinstance(pallas, tuple) and pallas[2] is not None else None
-        lines.append(f"| {dim} | {seq} | {batch}x{heads} | {causal} | " + " | ".join(cells)
-                     + f" | {'-' if err is None else f'{err:.1e}'} |")
+def table(result: dict) -> str:
+    """The BENCHMARKS.md table of one JSON result: a row per cell, fwd / fwd+bwd per impl."""
+    records = result["records"]
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    cells = list(dict.fromkeys((r["head_dim"], r["seq"], r["batch"], r["heads"], r["causal"])
+                               for r in records))
+    by_key = {(r["head_dim"], r["seq"], r["batch"], r["heads"], r["causal"], r["impl"],
+               r["pass"]): r for r in records}
+    lines = [f"Attention TFLOP/s ({records[0]['dtype'] if records else '?'}, FLOPs as in "
+             f"FlashAttention-2 Section 4.1) on {result['device_kind']}, jax {result['jax']}, "
+             f"{result['date']}. Err: largest |difference| from XLA (out, and dq/dk/dv for "
+             "fwd+bwd).",
+             ""]
+    if result.get("smoke"):
+        lines[0] += " SMOKE RUN on CPU in interpret mode: these numbers are not performance."
+    lines += ["| head_dim | seq | batch x heads | causal | " + " | ".join(
+                  f"{i} fwd | {i} fwd+bwd | {i} err" for i in impls) + " |",
+              "|" + "---|" * (4 + 3 * len(impls))]
+    for dim, seq, batch, heads, causal in cells:
+        row = []
+        for impl in impls:
+            pair = [by_key.get((dim, seq, batch, heads, causal, impl, p)) for p in PASSES]
+            row += [("-" if r is None else r.get("error", f"{r['tflops']:.3g}"))
+                    for r in pair]
+            errs = [r["max_abs_err"] for r in pair if r and r.get("max_abs_err") is not None]
+            row.append(f"{max(errs):.1e}" if errs else "-")
+        lines.append(f"| {dim} | {seq} | {batch}x{heads} | {causal} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def json_records(results) -> list[dict]:
-    """One record per (cell, implementation) of `measure`'s rows."""
-    out = []
-    for (dim, seq, causal), ((batch, heads), row) in results:
-        for impl, cell in row.items():
-            record = {"kernel": "attention", "impl": impl, "head_dim": dim, "seq": seq,
-                      "batch": batch, "heads": heads, "causal": causal, "dtype": "bfloat16",
-                      "fwd_tflops": None, "fwd_bwd_tflops": None, "max_abs_err": None}
-            if isinstance(cell, tuple):
-                record.update(fwd_tflops=cell[0], fwd_bwd_tflops=cell[1], max_abs_err=cell[2])
-            else:
-                record["error"] = cell
-            out.append(record)
-    return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     parser.add_argument("--head-dims", default="64,128")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--table", default="", help="also write the markdown table here")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--table", default="", metavar="FILE.json",
+                        help="print the markdown table of an earlier run's JSON, run nothing")
     parser.add_argument("--out", default="", help="JSON path (default: benchmarks/results/)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape in interpret mode on CPU: tests the script, not speed")
     args = parser.parse_args(argv)
+    if args.table:
+        try:
+            result = json.loads(pathlib.Path(args.table).read_text())
+        except (OSError, ValueError) as err:
+            sys.exit(f"benchmarks/attention.py: cannot read {args.table}: {err}")
+        print(table(result), end="")
+        return result
     records_lib.require_gpu("attention.py", args.smoke)
-    device = jax.devices()[0]
     impls = implementations(args.smoke)
     if args.smoke:
         grid = [(64, 128, True)]
     else:
         grid = [(int(d), int(s), causal) for d in args.head_dims.split(",")
                 for s in args.seqs.split(",") for causal in (False, True)]
-    results = []
+    records = []
     for dim, seq, causal in grid:
-        results.append(((dim, seq, causal), measure(
-            impls, seq, dim, causal, jnp.bfloat16, 1 if args.smoke else args.repeats,
-            batch=1 if args.smoke else None)))
-        print(f"done head_dim={dim} seq={seq} causal={causal}", file=sys.stderr)
-    header = [f"Attention TFLOP/s (bfloat16, FLOPs as in FlashAttention-2 Section 4.1) on "
-              f"{device.device_kind}, jax {jax.__version__}, "
-              f"{datetime.date.today().isoformat()}."]
-    if args.smoke:
-        header.append("SMOKE RUN on CPU, pallas in interpret mode: these numbers are not "
-                      "performance.")
-    text = table(results, list(impls), header)
-    print(text)
-    if args.table:
-        with open(args.table, "w", encoding="utf-8") as f:
-            f.write(text)
-    records_lib.write("attention", json_records(results), args.smoke, args.out)
-    return results
+        records += measure(impls, seq, dim, causal, jnp.bfloat16,
+                           1 if args.smoke else args.repeats, batch=1 if args.smoke else None)
+        print(f"done head_dim={dim} seq={seq} causal={causal}", file=sys.stderr, flush=True)
+    path = records_lib.write("attention", records, args.smoke, args.out)
+    print(table(json.loads(path.read_text())), end="")
+    return records
 
 
 if __name__ == "__main__":
