@@ -1,0 +1,300 @@
+"""FlashAttention forward on Mosaic GPU (`plgpu.kernel`), FA3-style warp specialisation.
+
+Jay Shah, Ganesh Bikshandi, Ying Zhang, Vijay Thakkar, Pradeep Ramani, Tri Dao,
+"FlashAttention-3: Fast and Accurate Attention with Asynchrony and Low-precision"
+(arXiv:2407.08608), and FlashAttention-2 (arXiv:2307.08691) for the algorithm itself.
+
+One CTA = 3 warpgroups and 2 * block_q query rows of one (batch, head):
+* warpgroup 2, the producer (FA3 Section 3.1, "producer-consumer asynchrony"): gives its
+  registers away (`set_max_registers`) and only issues TMA copies of K and V tiles into a ring of
+  `num_stages` swizzled SMEM slots; before refilling a slot it waits on that slot's "free" barrier.
+* warpgroups 0 and 1, the consumers: each TMA-loads its own block_q query rows once, then per
+  key block waits on the slot's "full" barrier, computes S = Q K^T with wgmma, does the online
+  softmax in registers (FA2 Section 3.1.1, base-2 exponentials with log2(e) folded into the
+  scale), P V with wgmma (P straight from registers), and arrives on the slot's free barrier
+  (2 arrivals: both consumers read every slot).
+The consumers write O and the base-2 row log-sum-exp (what the backward needs to rebuild P).
+
+Block skipping is per CTA: the producer streams the key blocks that any of the CTA's
+2 * block_q rows can see (causal / window bounds); both consumers walk the same range and mask.
+
+Masks are iota comparisons in the wgmma register layout. PITFALL: jax's own Mosaic GPU
+attention reports that causal masking miscompiles with ptxas on CUDA 12.8.0 to 12.9.0; the
+wrapper (flash_attention.py) routes masked calls to the Triton path on those runtimes.
+The backward (dK/dV and dQ kernels) is in flash_attention_mgpu_backward.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels._common import KernelInputError, pad_to, round_up
+from pallas_kernels._flash_blocks import LOG2_E, MASK_VALUE, _block_range
+
+HW_TILE = 64             # wgmma's warpgroup tile: 64 rows; 64 16-bit columns = a 128 B swizzle
+CONSUMERS = 2            # consumer warpgroups per forward CTA (FA3 Section 3.1)
+SMEM_BYTES = 227 * 1024  # H100/H200 shared memory per block
+
+
+# ----------------------------------------------------------------------------- block sizes
+@dataclasses.dataclass(frozen=True)
+class MosaicBlockSizes:
+    """Tiles of the three Mosaic GPU kernels (first guess for H100/H200, not tuned on hardware)."""
+    block_q: int = 64         # forward: query rows per consumer warpgroup (CTA: 2 * block_q)
+    block_kv: int = 128       # forward: keys per pipeline step
+    num_stages: int = 2       # forward: K/V SMEM slots in the ring
+    block_q_dkv: int = 64     # dK/dV: query rows per pipeline step
+    block_kv_dkv: int = 64    # dK/dV: keys per CTA
+    block_q_dq: int = 64      # dQ: query rows per CTA
+    block_kv_dq: int = 64     # dQ: keys per pipeline step
+    bwd_stages: int = 2       # backward pipelines' depth
+
+    def validate(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "stages" in f.name:
+                if not isinstance(value, int) or value < 2:
+                    raise KernelInputError(f"block_sizes.{f.name}={value} must be >= 2 (a slot is "
+                                           f"refilled while the other is read)")
+            elif not isinstance(value, int) or value <= 0 or value % HW_TILE:
+                raise KernelInputError(f"block_sizes.{f.name}={value} must be a positive "
+                                       f"multiple of {HW_TILE} (the wgmma tile)")
+
+
+def default_block_sizes(head_dim: int) -> MosaicBlockSizes:
+    """head_dim 256 halves the key block so Q (2 x 64 x 256) + K/V (2 stages) fit in SMEM."""
+    return MosaicBlockSizes(block_kv=64) if head_dim > 128 else MosaicBlockSizes()
+
+
+def forward_smem_bytes(bs: MosaicBlockSizes, head_dim: int, itemsize: int = 2) -> int:
+    q = CONSUMERS * bs.block_q * head_dim * itemsize
+    kv = 2 * bs.num_stages * bs.block_kv * head_dim * itemsize
+    p = CONSUMERS * bs.block_q * bs.block_kv * itemsize
+    return q + kv + p + CONSUMERS * bs.block_q * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicSpec:
+    """Everything static about one call (hashable: a nondiff argument of the custom VJP)."""
+    sm_scale: float
+    left: int | None          # keep i - j <= left   (None: unbounded)
+    right: int | None         # keep j - i <= right  (causal: 0)
+    seq_k: int                # true key length; keys >= seq_k are padding and masked
+    pad_k: bool
+    groups: int               # query heads per kv head (GQA / MQA)
+    blocks: MosaicBlockSizes
+    interpret: object         # plgpu.InterpretGPUParams() or None (compiled)
+
+    @property
+    def masked(self) -> bool:
+        return self.left is not None or self.right is not None or self.pad_k
+
+
+# ----------------------------------------------------------------------------- in-kernel helpers
+def transforms(minor: int, dtype):
+    """SMEM layout of a wgmma / TMA tile: (8, swizzle) tiles, swizzled by the widest that fits."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def keep_mask(spec, row0, col0, shape, transposed=False):
+    """Boolean `shape` of kept (query, key) pairs in the wgmma layout; None if nothing is masked.
+
+    Rows are queries starting at row0 and columns keys starting at col0; transposed: rows are
+    keys (col0 is then the first query), as in the dK/dV kernel's S^T."""
+    if not spec.masked:
+        return None
+    a = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    b = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    q_ids, k_ids = (b, a) if transposed else (a, b)
+    keep = None
+
+    def both(x, y):
+        return y if x is None else x & y
+    if spec.right is not None:
+        keep = both(keep, k_ids - q_ids <= spec.right)
+    if spec.left is not None:
+        keep = both(keep, q_ids - k_ids <= spec.left)
+    if spec.pad_k:
+        keep = both(keep, k_ids < spec.seq_k)
+    return keep
+
+
+def matmul(a, b, shape):
+    """a @ b with wgmma into a fresh float32 accumulator; reading it waits for the wgmma.
+
+    Accumulating in place (`pl.run_state(...)(plgpu.ACC.init(acc))`) would save one register
+    add per step, and FA3 feeds P to wgmma from registers; the Mosaic GPU interpreter of
+    jax 0.11.2 runs neither (no run_state, SMEM-only wgmma operands), so P and dS go through a
+    swizzled SMEM tile and every product gets a fresh accumulator."""
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def rows(x, shape, dim):
+    """Broadcast a per-row (dim 0) or per-column (dim 1) vector to `shape`."""
+    return lax.broadcast_in_dim(x, shape, [dim])
+
+
+# ----------------------------------------------------------------------------- forward kernel
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, spec, dim):
+    bq, bkv, stages = spec.blocks.block_q, spec.blocks.block_kv, spec.blocks.num_stages
+    q_smem2, k_smem, v_smem, lse_smem2, p_smem2 = smem
+    q_full, k_full, v_full, k_free, v_free = barriers
+    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    cta_q = lax.axis_index("q") * (CONSUMERS * bq)
+    # Key blocks any of the CTA's rows can see: the causal / window skip of FA2 Section 3.1.
+    lo, hi = _block_range(cta_q, CONSUMERS * bq, spec.left, spec.right, bkv,
+                          k_ref.shape[1] // bkv)
+    scale = spec.sm_scale * LOG2_E
+
+    def slot_of(j):
+        return lax.rem(j - lo, stages)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        q_smem, lse_smem, p_smem = q_smem2.at[wg], lse_smem2.at[wg], p_smem2.at[wg]
+        q0 = cta_q + wg * bq
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem, q_full.at[wg])
+        plgpu.barrier_wait(q_full.at[wg])
+
+        def step(j, carry):
+            acc, m, l = carry
+            slot = slot_of(j)
+            plgpu.barrier_wait(k_full.at[slot])
+
+            s = matmul(q_smem, k_smem.at[slot].T, (bq, bkv)) * scale
+            plgpu.barrier_arrive(k_free.at[slot])
+            keep = keep_mask(spec, q0, j * bkv, (bq, bkv))
+            if keep is not None:
+                s = jnp.where(keep, s, MASK_VALUE)
+            # Online softmax (FA2 Section 3.1.1): rescale by exp2(m_old - m_new), divide by l
+            # once at the end.
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - rows(m_new, s.shape, 0))
+            if keep is not None:   # a row with no key yet has m = MASK_VALUE and p = 1
+                p = jnp.where(keep, p, 0.0)
+            alpha = jnp.exp2(m - m_new)
+            l = l * alpha + p.sum(axis=1)
+            plgpu.barrier_wait(v_full.at[slot])
+            p_smem[...] = p.astype(p_smem.dtype)
+            plgpu.commit_smem()            # the generic-proxy store, before wgmma reads it
+            pv = matmul(p_smem, v_smem.at[slot], acc.shape)
+            acc = acc * rows(alpha, acc.shape, 0) + pv
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        vec = plgpu.Layout.WGMMA.reduce(1)
+        init = (plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), vec),
+                plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), vec))
+        acc, m, l = lax.fori_loop(lo, hi, step, init)
+        kept = l > 0.0                     # rows with no key at all give 0 (and lse 0)
+        l_safe = jnp.where(kept, l, 1.0)
+        q_smem[...] = (acc / rows(l_safe, acc.shape, 0)).astype(q_smem.dtype)
+        lse_smem[...] = jnp.where(kept, m + jnp.log2(l_safe), 0.0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_h = h if spec.groups == 1 else lax.div(h, jnp.int32(spec.groups))   # GQA: no repeat
+
+        def load(j, slot):
+            keys = (b, pl.ds(j * bkv, bkv), kv_h)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_full.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_full.at[slot])
+
+        for i in range(min(stages, k_ref.shape[1] // bkv)):     # fill the ring
+            pl.when(lo + i < hi)(functools.partial(load, lo + i, i))
+
+        @pl.loop(lo + stages, hi)
+        def _refill(j):
+            slot = slot_of(j)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            load(j, slot)
+
+        # Drain: see the consumers release the last slots, so every barrier phase is observed
+        # before the SMEM ring goes away (the interpreter checks this).
+        @pl.loop(jnp.maximum(hi - stages, lo), hi)
+        def _drain(j):
+            plgpu.barrier_wait(k_free.at[slot_of(j)])
+            plgpu.barrier_wait(v_free.at[slot_of(j)])
+
+
+def _forward(spec, q, k, v):
+    """Padded q [B, Tp, H, D], k/v [B, Sp, KVH, D] -> (o [B, Tp, H, D], lse [B, H, Tp] base 2)."""
+    batch, seq_q, heads, dim = q.shape
+    bq, bkv, stages = spec.blocks.block_q, spec.blocks.block_kv, spec.blocks.num_stages
+    tr = transforms(dim, q.dtype)
+    smem = (plgpu.SMEM((CONSUMERS, bq, dim), q.dtype, transforms=tr),
+            plgpu.SMEM((stages, bkv, dim), q.dtype, transforms=tr),
+            plgpu.SMEM((stages, bkv, dim), q.dtype, transforms=tr),
+            plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+            plgpu.SMEM((CONSUMERS, bq, bkv), q.dtype, transforms=transforms(bkv, q.dtype)))
+    barriers = (plgpu.Barrier(num_barriers=CONSUMERS),
+                plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
+    kernel = plgpu.kernel(
+        functools.partial(_forward_kernel, spec=spec, dim=dim),
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)),
+        grid=(seq_q // (CONSUMERS * bq), heads, batch), grid_names=("q", "heads", "batch"),
+        num_threads=CONSUMERS + 1, thread_name="wg",
+        scratch_types=(smem, barriers),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=spec.interpret)
+    return kernel(q, k, v)
+
+
+# ----------------------------------------------------------------------------- custom VJP
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(spec, q, k, v):
+    return _forward(spec, q, k, v)[0]
+
+
+def _attention_fwd(spec, q, k, v):
+    o, lse = _forward(spec, q, k, v)
+    return o, (q, k, v, o, lse)
+
+
+def _attention_bwd(spec, res, do):
+    from pallas_kernels.flash_attention_mgpu_backward import backward  # noqa: PLC0415
+    return backward(spec, *res, do.astype(res[0].dtype))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def mosaic_attention(q, k, v, *, left, right, sm_scale, blocks, interpret):
+    """Checked inputs (flash_attention.py) -> padded kernels -> output [B, T, H, D]."""
+    blocks.validate()
+    dim = q.shape[3]
+    if forward_smem_bytes(blocks, dim) > SMEM_BYTES:
+        raise KernelInputError(f"block_sizes {blocks} need {forward_smem_bytes(blocks, dim)} B of "
+                               f"shared memory for head_dim {dim}; at most {SMEM_BYTES}")
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    b = blocks
+    pad_q = round_up(seq_q, math.lcm(CONSUMERS * b.block_q, b.block_q_dkv, b.block_q_dq))
+    pad_k = round_up(seq_k, math.lcm(b.block_kv, b.block_kv_dkv, b.block_kv_dq))
+    spec = MosaicSpec(sm_scale=sm_scale, left=left, right=right, seq_k=seq_k,
+                      pad_k=pad_k != seq_k, groups=q.shape[2] // k.shape[2], blocks=blocks,
+                      interpret=plgpu.InterpretGPUParams() if interpret else None)
+    out = _attention(spec, pad_to(q, 1, pad_q), pad_to(k, 1, pad_k), pad_to(v, 1, pad_k))
+    return out[:, :seq_q]

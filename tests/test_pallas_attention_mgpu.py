@@ -1,0 +1,147 @@
+"""flash_attention(impl="mosaic") in Mosaic GPU interpret mode vs its jnp reference (output and
+dq, dk, dv), the abstract-H100 lowering of its three kernels, the Triton fallback and bad input.
+
+Interpret mode simulates every warpgroup, barrier and TMA copy, so the cases are tiny (D <= 64,
+the smallest legal 64-row tiles) and each is one jit of forward + backward.
+"""
+import importlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels.flash_attention import BlockSizes
+from pallas_kernels.flash_attention_mgpu import (SMEM_BYTES, MosaicBlockSizes,
+                                                 default_block_sizes, forward_smem_bytes)
+from pallas_kernels.gpu_check import mosaic_gpu_kernels
+
+fa = importlib.import_module("pallas_kernels.flash_attention")   # the module, not the function
+
+SMALL = MosaicBlockSizes(block_q=64, block_kv=64, num_stages=2, block_q_dkv=64,
+                         block_kv_dkv=64, block_q_dq=64, block_kv_dq=64, bwd_stages=2)
+# Max error relative to max(1, max|reference|): the half types round the output, P and dS.
+TOL = {jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
+
+
+def _inputs(b, t, s, h, kvh, d, dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, s, kvh, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (b, t, h, d), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+def _value_and_grads(attention, q, k, v, do, **kw):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, **kw), q, k, v)
+    return (out,) + vjp(do)
+
+
+CASES = {
+    # name: ((B, T, S, H, KVH, D), dtype, kwargs)
+    # T, S not multiples of 64, T != S, head_dim 40 padded to 64 inside the wrapper.
+    "bf16-plain-T!=S-d40": ((1, 100, 70, 2, 2, 40), jnp.bfloat16, {}),
+    # Two CTAs of 128 rows over 3 key blocks: the causal skip drops the last block for CTA 0.
+    "f16-causal-mqa": ((1, 192, 192, 2, 1, 64), jnp.float16, {"causal": True}),
+    "bf16-window-gqa": ((1, 150, 150, 4, 2, 64), jnp.bfloat16,
+                        {"window": (40, 10), "sm_scale": 0.3}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mosaic_matches_reference(name):
+    shape, dtype, kw = CASES[name]
+    q, k, v, do = _inputs(*shape, dtype)
+    kernel = jax.jit(lambda *a: _value_and_grads(
+        pk.flash_attention, *a, impl="mosaic", block_sizes=SMALL, **kw))
+    reference = jax.jit(lambda *a: _value_and_grads(pk.flash_attention_reference, *a, **kw))
+    for what, got, want in zip(("out", "dq", "dk", "dv"), kernel(q, k, v, do),
+                               reference(q, k, v, do)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert got.shape == want.shape and np.all(np.isfinite(got)), f"{name} {what}"
+        err = np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want)))
+        assert err <= TOL[dtype], f"{name} {what}: relative error {err:.2e}"
+
+
+def test_differentiation_runs_three_mosaic_kernels():
+    q, k, v, _ = _inputs(1, 64, 64, 2, 1, 64, jnp.bfloat16)
+    loss = lambda q, k, v: pk.flash_attention(q, k, v, causal=True, impl="mosaic").astype(
+        jnp.float32).sum()
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    # forward, dK/dV, dQ as plgpu.kernel calls; no Triton kernel
+    assert jaxpr.count("= mpmd_map[") == 3 and "pallas_call[" not in jaxpr
+    # the only XLA contraction left is D = rowsum(dO * O): no [T, S] attention matrix
+    assert jaxpr.count("= dot_general[") == 1
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_lowers_for_h100_at_production_shapes(dim):
+    """Layout inference, wgmma operand rules, TMA/swizzle and the 227 KiB SMEM budget."""
+    s = jax.ShapeDtypeStruct
+    q = s((2, 4096, 16, dim), jnp.bfloat16)
+    kv = s((2, 4096, 4, dim), jnp.bfloat16)
+
+    def step(q, k, v):
+        loss = lambda q, k, v: pk.flash_attention(q, k, v, causal=True, impl="mosaic",
+                                                  interpret=False).astype(jnp.float32).sum()
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    modules = mosaic_gpu_kernels(step, q, kv, kv)
+    assert len(modules) == 3 and min(modules) > 1000      # forward, dK/dV, dQ
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_default_blocks_fit_hopper_shared_memory(dim):
+    assert forward_smem_bytes(default_block_sizes(dim), dim) <= SMEM_BYTES
+
+
+def test_default_impl_off_gpu_is_triton():
+    assert fa._default_impl() == "triton"
+    assert not fa._ptxas_miscompiles_masks()       # cuda_versions is None on CPU
+
+
+@pytest.mark.parametrize("dtype, kw, why", [
+    (jnp.float32, {}, "dtype float32"),
+    (jnp.bfloat16, {"segment_ids": jnp.zeros((1, 20), jnp.int32)}, "segment_ids"),
+])
+def test_unsupported_case_warns_once_and_runs_triton(dtype, kw, why):
+    q, k, v, _ = _inputs(1, 20, 20, 2, 1, 16, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pk.flash_attention(q, k, v, causal=True, impl="mosaic",
+                                 block_sizes=SMALL, **kw)
+    ours = [w for w in caught if "impl='mosaic'" in str(w.message)]
+    assert len(ours) == 1 and why in str(ours[0].message)
+    want = pk.flash_attention_reference(q, k, v, causal=True, **kw)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                               atol=3e-2)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"impl": "cuda"}, "impl must be None, 'mosaic' or 'triton'"),
+    ({"block_sizes": MosaicBlockSizes(block_q=96)}, "block_q=96 must be a positive multiple"),
+    ({"block_sizes": MosaicBlockSizes(block_kv=32)}, "block_kv=32"),
+    ({"block_sizes": MosaicBlockSizes(num_stages=1)}, "num_stages=1 must be >= 2"),
+    ({"block_sizes": MosaicBlockSizes(block_q=256, block_kv=256, num_stages=4)},
+     "shared memory"),
+    ({"block_sizes": BlockSizes()}, "takes block_sizes=MosaicBlockSizes"),
+    ({"v": jnp.zeros((1, 8, 2, 64), jnp.float16)}, "share a dtype"),
+    ({"k": jnp.zeros((2, 8, 2, 64), jnp.bfloat16), "v": jnp.zeros((2, 8, 2, 64), jnp.bfloat16)},
+     "disagree on batch"),
+    ({"k": jnp.zeros((1, 8, 3, 64), jnp.bfloat16), "v": jnp.zeros((1, 8, 3, 64), jnp.bfloat16)},
+     "multiple of k/v heads"),
+])
+def test_bad_input_is_one_line(over, match):
+    q, k, v, _ = _inputs(1, 8, 8, 4, 2, 64, jnp.bfloat16)
+    args = {"q": q, "k": k, "v": v, "impl": "mosaic"} | over
+    with pytest.raises(pk.KernelInputError, match=match) as err:
+        pk.flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    assert "\n" not in str(err.value)
+
+
+def test_triton_rejects_mosaic_block_sizes():
+    q, k, v, _ = _inputs(1, 8, 8, 2, 2, 16, jnp.float32)
+    with pytest.raises(pk.KernelInputError, match="impl='triton' takes"):
+        pk.flash_attention(q, k, v, impl="triton", block_sizes=SMALL)
