@@ -164,14 +164,12 @@ def _ptxas_miscompiles_masks():
     return 12080 <= version < 12091
 
 
-def _mosaic_unsupported(q, segment_ids, masked):
+def _mosaic_unsupported(q, masked):
     """Why the Mosaic GPU kernels cannot take this call (-> Triton fallback), or None."""
     if q.dtype not in MOSAIC_DTYPES:
         return f"dtype {q.dtype} (wgmma attention kernels take bfloat16 / float16)"
     if q.shape[3] > MOSAIC_MAX_HEAD_DIM:
         return f"head_dim {q.shape[3]} > {MOSAIC_MAX_HEAD_DIM} (shared memory)"
-    if segment_ids is not None:
-        return "segment_ids (not implemented in the Mosaic GPU kernels yet)"
     if masked and _ptxas_miscompiles_masks():
         return "masking on CUDA 12.8.0-12.9.0 (ptxas miscompiles it)"
     return None
@@ -186,7 +184,7 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
     segment_ids: int [B, T] when T == S, or a pair ([B, T], [B, S]).
     impl: "mosaic", "triton" or None (mosaic on a Hopper-or-newer GPU unless block_sizes is a
     triton BlockSizes, else triton). A call the
-    Mosaic GPU kernels cannot take (float32, head_dim > 256, segment_ids) warns once and runs
+    Mosaic GPU kernels cannot take (float32, head_dim > 256) warns once and runs
     on the Triton path.
     interpret: None -> interpret mode off GPU (Mosaic GPU's or Pallas' interpreter), compiled
     on GPU.
@@ -204,7 +202,8 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
         left, right = band(causal, window)
         left = None if left is not None and left >= q.shape[1] else left
         right = None if right is not None and right >= k.shape[1] else right
-        why = _mosaic_unsupported(q, segment_ids, left is not None or right is not None)
+        seg_q, seg_k = segments(segment_ids, q.shape[0], q.shape[1], k.shape[1])
+        why = _mosaic_unsupported(q, left is not None or right is not None)
         if why is None:
             if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
                 raise KernelInputError(f"impl='mosaic' takes block_sizes=MosaicBlockSizes(...); "
@@ -215,7 +214,7 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
             def pad(x):
                 return _common.pad_to(x, 3, pad_d)
             out = mosaic_attention(
-                pad(q), pad(k), pad(v), left=left, right=right,
+                pad(q), pad(k), pad(v), seg_q, seg_k, left=left, right=right,
                 sm_scale=softmax_scale(sm_scale, dim),
                 blocks=block_sizes or default_block_sizes(pad_d),
                 interpret=_common.resolve_interpret(interpret))

@@ -89,12 +89,14 @@ class MosaicSpec:
     seq_k: int                # true key length; keys >= seq_k are padding and masked
     pad_k: bool
     groups: int               # query heads per kv head (GQA / MQA)
+    segments: bool            # segment ids given: keep pairs of equal id
     blocks: MosaicBlockSizes
     interpret: object         # plgpu.InterpretGPUParams() or None (compiled)
 
     @property
     def masked(self) -> bool:
-        return self.left is not None or self.right is not None or self.pad_k
+        return (self.left is not None or self.right is not None or self.pad_k
+                or self.segments)
 
 
 # ----------------------------------------------------------------------------- in-kernel helpers
@@ -105,11 +107,12 @@ def transforms(minor: int, dtype):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def keep_mask(spec, row0, col0, shape, transposed=False):
+def keep_mask(spec, row0, col0, shape, transposed=False, seg_rows=None, seg_cols=None):
     """Boolean `shape` of kept (query, key) pairs in the wgmma layout; None if nothing is masked.
 
     Rows are queries starting at row0 and columns keys starting at col0; transposed: rows are
-    keys (col0 is then the first query), as in the dK/dV kernel's S^T."""
+    keys (col0 is then the first query), as in the dK/dV kernel's S^T. seg_rows / seg_cols: the
+    segment ids of the rows / columns (layouts WGMMA.reduce(1) / reduce(0))."""
     if not spec.masked:
         return None
     a = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
@@ -125,6 +128,8 @@ def keep_mask(spec, row0, col0, shape, transposed=False):
         keep = both(keep, q_ids - k_ids <= spec.left)
     if spec.pad_k:
         keep = both(keep, k_ids < spec.seq_k)
+    if seg_rows is not None:
+        keep = both(keep, rows(seg_rows, shape, 0) == rows(seg_cols, shape, 1))
     return keep
 
 
@@ -147,10 +152,14 @@ def rows(x, shape, dim):
 
 
 # ----------------------------------------------------------------------------- forward kernel
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, spec, dim):
+def _forward_kernel(*refs, spec, dim):
+    if spec.segments:
+        q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, smem, barriers = refs
+    else:
+        (q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers), sq_ref, sk_ref = refs, None, None
     bq, bkv, stages = spec.blocks.block_q, spec.blocks.block_kv, spec.blocks.num_stages
-    q_smem2, k_smem, v_smem, lse_smem2, p_smem2 = smem
-    q_full, k_full, v_full, k_free, v_free = barriers
+    q_smem2, k_smem, v_smem, lse_smem2, p_smem2, sq_smem2, sk_smem = smem
+    q_full, k_full, v_full, k_free, v_free, sq_full, sk_full = barriers
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     cta_q = lax.axis_index("q") * (CONSUMERS * bq)
     # Key blocks any of the CTA's rows can see: the causal / window skip of FA2 Section 3.1.
@@ -168,6 +177,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, spec
         q0 = cta_q + wg * bq
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem, q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
+        seg_q = None
+        if spec.segments:
+            plgpu.copy_gmem_to_smem(sq_ref.at[b, pl.ds(q0, bq)], sq_smem2.at[wg], sq_full.at[wg])
+            plgpu.barrier_wait(sq_full.at[wg])
+            seg_q = plgpu.load(sq_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
         def step(j, carry):
             acc, m, l = carry
@@ -175,8 +189,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, spec
             plgpu.barrier_wait(k_full.at[slot])
 
             s = matmul(q_smem, k_smem.at[slot].T, (bq, bkv)) * scale
+            seg_k = None
+            if spec.segments:      # the key ids ride in the K slot (released with it)
+                plgpu.barrier_wait(sk_full.at[slot])
+                seg_k = plgpu.load(sk_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_arrive(k_free.at[slot])
-            keep = keep_mask(spec, q0, j * bkv, (bq, bkv))
+            keep = keep_mask(spec, q0, j * bkv, (bq, bkv), seg_rows=seg_q, seg_cols=seg_k)
             if keep is not None:
                 s = jnp.where(keep, s, MASK_VALUE)
             # Online softmax (FA2 Section 3.1.1): rescale by exp2(m_old - m_new), divide by l
@@ -218,6 +236,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, spec
             keys = (b, pl.ds(j * bkv, bkv), kv_h)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_full.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_full.at[slot])
+            if spec.segments:
+                plgpu.copy_gmem_to_smem(sk_ref.at[b, pl.ds(j * bkv, bkv)], sk_smem.at[slot],
+                                        sk_full.at[slot])
 
         for i in range(min(stages, k_ref.shape[1] // bkv)):     # fill the ring
             pl.when(lo + i < hi)(functools.partial(load, lo + i, i))
@@ -237,7 +258,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, spec
             plgpu.barrier_wait(v_free.at[slot_of(j)])
 
 
-def _forward(spec, q, k, v):
+def _forward(spec, q, k, v, seg_q, seg_k):
     """Padded q [B, Tp, H, D], k/v [B, Sp, KVH, D] -> (o [B, Tp, H, D], lse [B, H, Tp] base 2)."""
     batch, seq_q, heads, dim = q.shape
     bq, bkv, stages = spec.blocks.block_q, spec.blocks.block_kv, spec.blocks.num_stages
@@ -246,11 +267,15 @@ def _forward(spec, q, k, v):
             plgpu.SMEM((stages, bkv, dim), q.dtype, transforms=tr),
             plgpu.SMEM((stages, bkv, dim), q.dtype, transforms=tr),
             plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-            plgpu.SMEM((CONSUMERS, bq, bkv), q.dtype, transforms=transforms(bkv, q.dtype)))
+            plgpu.SMEM((CONSUMERS, bq, bkv), q.dtype, transforms=transforms(bkv, q.dtype)),
+            plgpu.SMEM((CONSUMERS, bq), jnp.int32) if spec.segments else None,
+            plgpu.SMEM((stages, bkv), jnp.int32) if spec.segments else None)
     barriers = (plgpu.Barrier(num_barriers=CONSUMERS),
                 plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+                plgpu.Barrier(num_barriers=CONSUMERS) if spec.segments else None,
+                plgpu.Barrier(num_barriers=stages) if spec.segments else None)
     kernel = plgpu.kernel(
         functools.partial(_forward_kernel, spec=spec, dim=dim),
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -260,29 +285,30 @@ def _forward(spec, q, k, v):
         scratch_types=(smem, barriers),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=spec.interpret)
-    return kernel(q, k, v)
+    return kernel(q, k, v, *((seg_q, seg_k) if spec.segments else ()))
 
 
 # ----------------------------------------------------------------------------- custom VJP
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(spec, q, k, v):
-    return _forward(spec, q, k, v)[0]
+def _attention(spec, q, k, v, seg_q, seg_k):
+    return _forward(spec, q, k, v, seg_q, seg_k)[0]
 
 
-def _attention_fwd(spec, q, k, v):
-    o, lse = _forward(spec, q, k, v)
-    return o, (q, k, v, o, lse)
+def _attention_fwd(spec, q, k, v, seg_q, seg_k):
+    o, lse = _forward(spec, q, k, v, seg_q, seg_k)
+    return o, (q, k, v, o, lse, seg_q, seg_k)
 
 
 def _attention_bwd(spec, res, do):
+    # Imported here: the backward module imports this one's helpers.
     from pallas_kernels.flash_attention_mgpu_backward import backward  # noqa: PLC0415
-    return backward(spec, *res, do.astype(res[0].dtype))
+    return backward(spec, *res, do.astype(res[0].dtype)) + (None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def mosaic_attention(q, k, v, *, left, right, sm_scale, blocks, interpret):
+def mosaic_attention(q, k, v, seg_q, seg_k, *, left, right, sm_scale, blocks, interpret):
     """Checked inputs (flash_attention.py) -> padded kernels -> output [B, T, H, D]."""
     blocks.validate()
     dim = q.shape[3]
@@ -294,7 +320,11 @@ def mosaic_attention(q, k, v, *, left, right, sm_scale, blocks, interpret):
     pad_q = round_up(seq_q, math.lcm(CONSUMERS * b.block_q, b.block_q_dkv, b.block_q_dq))
     pad_k = round_up(seq_k, math.lcm(b.block_kv, b.block_kv_dkv, b.block_kv_dq))
     spec = MosaicSpec(sm_scale=sm_scale, left=left, right=right, seq_k=seq_k,
-                      pad_k=pad_k != seq_k, groups=q.shape[2] // k.shape[2], blocks=blocks,
+                      pad_k=pad_k != seq_k, groups=q.shape[2] // k.shape[2],
+                      segments=seg_q is not None, blocks=blocks,
                       interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out = _attention(spec, pad_to(q, 1, pad_q), pad_to(k, 1, pad_k), pad_to(v, 1, pad_k))
+    if spec.segments:
+        seg_q, seg_k = pad_to(seg_q, 1, pad_q), pad_to(seg_k, 1, pad_k)
+    out = _attention(spec, pad_to(q, 1, pad_q), pad_to(k, 1, pad_k), pad_to(v, 1, pad_k),
+                     seg_q, seg_k)
     return out[:, :seq_q]

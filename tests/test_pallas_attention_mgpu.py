@@ -35,6 +35,11 @@ def _inputs(b, t, s, h, kvh, d, dtype, seed=0):
     return q, k, v, do
 
 
+def _segments(lengths):
+    ids = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)])
+    return jnp.asarray(ids[None], jnp.int32)
+
+
 def _value_and_grads(attention, q, k, v, do, **kw):
     out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, **kw), q, k, v)
     return (out,) + vjp(do)
@@ -48,7 +53,12 @@ CASES = {
     "f16-causal-mqa": ((1, 192, 192, 2, 1, 64), jnp.float16, {"causal": True}),
     "bf16-window-gqa": ((1, 150, 150, 4, 2, 64), jnp.bfloat16,
                         {"window": (40, 10), "sm_scale": 0.3}),
+    # Query segment 2 (rows 70..99) has no key: those rows must come out exactly 0.
+    "f16-causal-segment-pair-T!=S-orphans": (
+        (1, 100, 70, 2, 2, 64), jnp.float16,
+        {"causal": True, "segment_ids": (_segments([30, 40, 30]), _segments([35, 35]))}),
 }
+ORPHAN_ROWS = {"f16-causal-segment-pair-T!=S-orphans": slice(70, 100)}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -58,12 +68,15 @@ def test_mosaic_matches_reference(name):
     kernel = jax.jit(lambda *a: _value_and_grads(
         pk.flash_attention, *a, impl="mosaic", block_sizes=SMALL, **kw))
     reference = jax.jit(lambda *a: _value_and_grads(pk.flash_attention_reference, *a, **kw))
-    for what, got, want in zip(("out", "dq", "dk", "dv"), kernel(q, k, v, do),
-                               reference(q, k, v, do)):
+    outs = kernel(q, k, v, do)
+    for what, got, want in zip(("out", "dq", "dk", "dv"), outs, reference(q, k, v, do)):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         assert got.shape == want.shape and np.all(np.isfinite(got)), f"{name} {what}"
         err = np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want)))
         assert err <= TOL[dtype], f"{name} {what}: relative error {err:.2e}"
+    if name in ORPHAN_ROWS:
+        for got in outs[:2]:      # out and dq
+            np.testing.assert_array_equal(np.asarray(got)[:, ORPHAN_ROWS[name]], 0.0)
 
 
 def test_differentiation_runs_three_mosaic_kernels():
@@ -77,18 +90,24 @@ def test_differentiation_runs_three_mosaic_kernels():
     assert jaxpr.count("= dot_general[") == 1
 
 
-@pytest.mark.parametrize("dim", [64, 128])
-def test_lowers_for_h100_at_production_shapes(dim):
+@pytest.mark.parametrize("dim, kw", [
+    (64, {"causal": True}), (128, {"causal": True}),
+    (256, {"window": (256, 0), "segments": True}),
+])
+def test_lowers_for_h100_at_production_shapes(dim, kw):
     """Layout inference, wgmma operand rules, TMA/swizzle and the 227 KiB SMEM budget."""
     s = jax.ShapeDtypeStruct
     q = s((2, 4096, 16, dim), jnp.bfloat16)
     kv = s((2, 4096, 4, dim), jnp.bfloat16)
+    kw = dict(kw)
+    segments = kw.pop("segments", False)
 
-    def step(q, k, v):
-        loss = lambda q, k, v: pk.flash_attention(q, k, v, causal=True, impl="mosaic",
-                                                  interpret=False).astype(jnp.float32).sum()
+    def step(q, k, v, ids):
+        loss = lambda q, k, v: pk.flash_attention(
+            q, k, v, impl="mosaic", interpret=False, segment_ids=ids if segments else None,
+            **kw).astype(jnp.float32).sum()
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
-    modules = mosaic_gpu_kernels(step, q, kv, kv)
+    modules = mosaic_gpu_kernels(step, q, kv, kv, s((2, 4096), jnp.int32))
     assert len(modules) == 3 and min(modules) > 1000      # forward, dK/dV, dQ
 
 
@@ -102,19 +121,18 @@ def test_default_impl_off_gpu_is_triton():
     assert not fa._ptxas_miscompiles_masks()       # cuda_versions is None on CPU
 
 
-@pytest.mark.parametrize("dtype, kw, why", [
-    (jnp.float32, {}, "dtype float32"),
-    (jnp.bfloat16, {"segment_ids": jnp.zeros((1, 20), jnp.int32)}, "segment_ids"),
+@pytest.mark.parametrize("dtype, dim, why", [
+    (jnp.float32, 16, "dtype float32"),
+    (jnp.bfloat16, 320, "head_dim 320 > 256"),
 ])
-def test_unsupported_case_warns_once_and_runs_triton(dtype, kw, why):
-    q, k, v, _ = _inputs(1, 20, 20, 2, 1, 16, dtype)
+def test_unsupported_case_warns_once_and_runs_triton(dtype, dim, why):
+    q, k, v, _ = _inputs(1, 20, 20, 2, 1, dim, dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = pk.flash_attention(q, k, v, causal=True, impl="mosaic",
-                                 block_sizes=SMALL, **kw)
+        out = pk.flash_attention(q, k, v, causal=True, impl="mosaic", block_sizes=SMALL)
     ours = [w for w in caught if "impl='mosaic'" in str(w.message)]
     assert len(ours) == 1 and why in str(ours[0].message)
-    want = pk.flash_attention_reference(q, k, v, causal=True, **kw)
+    want = pk.flash_attention_reference(q, k, v, causal=True)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
                                atol=3e-2)
 
