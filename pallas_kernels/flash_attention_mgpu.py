@@ -40,7 +40,9 @@ from pallas_kernels._flash_blocks import LOG2_E, MASK_VALUE, _block_range
 
 HW_TILE = 64             # wgmma's warpgroup tile: 64 rows; 64 16-bit columns = a 128 B swizzle
 CONSUMERS = 2            # consumer warpgroups per forward CTA (FA3 Section 3.1)
-SMEM_BYTES = 227 * 1024  # H100/H200 shared memory per block
+# H100/H200 shared memory per block (Mosaic GPU's own limit at lowering: 232448 B), less 4 KiB
+# for the barriers and alignment padding that forward_smem_bytes does not count.
+SMEM_BYTES = 227 * 1024 - 4096
 
 
 # ----------------------------------------------------------------------------- block sizes

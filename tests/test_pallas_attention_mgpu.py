@@ -163,3 +163,12 @@ def test_triton_rejects_mosaic_block_sizes():
     q, k, v, _ = _inputs(1, 8, 8, 2, 2, 16, jnp.float32)
     with pytest.raises(pk.KernelInputError, match="impl='triton' takes"):
         pk.flash_attention(q, k, v, impl="triton", block_sizes=SMALL)
+
+
+def test_masking_on_bad_ptxas_falls_back(monkeypatch):
+    """CUDA 12.8.0-12.9.0: causal / window calls take the Triton path; unmasked ones stay."""
+    monkeypatch.setattr(fa, "_ptxas_miscompiles_masks", lambda: True)
+    q, k, v, _ = _inputs(1, 16, 16, 2, 1, 16, jnp.bfloat16)
+    with pytest.warns(UserWarning, match="masking on CUDA 12.8.0-12.9.0"):
+        pk.flash_attention(q, k, v, causal=True, impl="mosaic")
+    assert fa._mosaic_unsupported(q, masked=False) is None
