@@ -11,16 +11,17 @@ One CTA = 3 warpgroups and 2 * block_q query rows of one (batch, head):
 * warpgroups 0 and 1, the consumers: each TMA-loads its own block_q query rows once, then per
   key block waits on the slot's "full" barrier, computes S = Q K^T with wgmma, does the online
   softmax in registers (FA2 Section 3.1.1, base-2 exponentials with log2(e) folded into the
-  scale), P V with wgmma (P straight from registers), and arrives on the slot's free barrier
-  (2 arrivals: both consumers read every slot).
+  scale), P V with wgmma (P through a swizzled SMEM tile: see `matmul`), and arrives on the
+  slot's free barrier (2 arrivals: both consumers read every slot).
 The consumers write O and the base-2 row log-sum-exp (what the backward needs to rebuild P).
 
 Block skipping is per CTA: the producer streams the key blocks that any of the CTA's
 2 * block_q rows can see (causal / window bounds); both consumers walk the same range and mask.
 
-Masks are iota comparisons in the wgmma register layout. PITFALL: jax's own Mosaic GPU
-attention reports that causal masking miscompiles with ptxas on CUDA 12.8.0 to 12.9.0; the
-wrapper (flash_attention.py) routes masked calls to the Triton path on those runtimes.
+Masks (causal, window, padded keys, segment ids) are iota / id comparisons in the wgmma register
+layout. PITFALL: jax's own Mosaic GPU attention reports that causal masking miscompiles with
+ptxas on CUDA 12.8.0 up to (not including) 12.9.1; the wrapper (flash_attention.py) routes
+causal / window calls to the Triton path on those runtimes.
 The backward (dK/dV and dQ kernels) is in flash_attention_mgpu_backward.py.
 """
 from __future__ import annotations
@@ -153,6 +154,24 @@ def rows(x, shape, dim):
     return lax.broadcast_in_dim(x, shape, [dim])
 
 
+def unmasked_blocks(spec, q_min, q_max, block, lo, hi):
+    """Key blocks [a, b) inside [lo, hi) where no causal / window / padding mask removes a pair
+    for query rows q_min..q_max: those steps skip the mask (segment ids always need it)."""
+    if not spec.masked:
+        return lo, hi
+    if spec.segments:
+        return lo, lo
+    a, b = lo, hi
+    if spec.left is not None:       # every row r <= q_max keeps key k >= a * block
+        a = jnp.maximum(a, lax.div(q_max - spec.left + block - 1, jnp.int32(block)))
+    if spec.right is not None:      # every row r >= q_min keeps key k < b * block
+        b = jnp.minimum(b, lax.div(q_min + spec.right + 1, jnp.int32(block)))
+    if spec.pad_k:
+        b = jnp.minimum(b, spec.seq_k // block)
+    a = jnp.minimum(a, hi)
+    return a, jnp.clip(b, a, hi)
+
+
 # ----------------------------------------------------------------------------- forward kernel
 def _forward_kernel(*refs, spec, dim):
     if spec.segments:
@@ -185,7 +204,7 @@ def _forward_kernel(*refs, spec, dim):
             plgpu.barrier_wait(sq_full.at[wg])
             seg_q = plgpu.load(sq_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
-        def step(j, carry):
+        def step(j, carry, masked):
             acc, m, l = carry
             slot = slot_of(j)
             plgpu.barrier_wait(k_full.at[slot])
@@ -196,7 +215,8 @@ def _forward_kernel(*refs, spec, dim):
                 plgpu.barrier_wait(sk_full.at[slot])
                 seg_k = plgpu.load(sk_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_arrive(k_free.at[slot])
-            keep = keep_mask(spec, q0, j * bkv, (bq, bkv), seg_rows=seg_q, seg_cols=seg_k)
+            keep = (keep_mask(spec, q0, j * bkv, (bq, bkv), seg_rows=seg_q, seg_cols=seg_k)
+                    if masked else None)
             if keep is not None:
                 s = jnp.where(keep, s, MASK_VALUE)
             # Online softmax (FA2 Section 3.1.1): rescale by exp2(m_old - m_new), divide by l
@@ -219,7 +239,12 @@ def _forward_kernel(*refs, spec, dim):
         init = (plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), plgpu.Layout.WGMMA),
                 plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), vec),
                 plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), vec))
-        acc, m, l = lax.fori_loop(lo, hi, step, init)
+        # Blocks away from the band's edges and the padding need no mask; the consumer still
+        # walks the CTA's whole range [lo, hi) in order, as the producer fills the ring.
+        a, b_ = unmasked_blocks(spec, q0, q0 + bq - 1, bkv, lo, hi)
+        carry = lax.fori_loop(lo, a, functools.partial(step, masked=True), init)
+        carry = lax.fori_loop(a, b_, functools.partial(step, masked=False), carry)
+        acc, m, l = lax.fori_loop(b_, hi, functools.partial(step, masked=True), carry)
         kept = l > 0.0                     # rows with no key at all give 0 (and lse 0)
         l_safe = jnp.where(kept, l, 1.0)
         q_smem[...] = (acc / rows(l_safe, acc.shape, 0)).astype(q_smem.dtype)
