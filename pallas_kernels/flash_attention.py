@@ -13,9 +13,10 @@ A query row with no key left gets output 0 and zero gradients.
 on Hopper or newer) or "triton" (this file: the Triton lowering, deprecated in jax 0.11, the
 fallback and the default elsewhere). The Triton path is three pallas_calls: forward (also
 writes the log-sum-exp; this file), dK/dV and dQ (flash_attention_backward.py); shared tiles and
-masks live in _flash_blocks.py. The backward kernels recompute the attention probabilities block by block from q, k and the saved log-sum-exp; no
-[T, S] matrix is ever written to memory. Blocks that a causal / window mask removes entirely
-are skipped by the loop bounds, not computed and masked.
+masks live in _flash_blocks.py. The backward kernels recompute the attention probabilities
+block by block from q, k and the saved log-sum-exp; no [T, S] matrix is ever written to memory.
+Blocks that a causal / window mask removes entirely are skipped by the loop bounds, not
+computed and masked.
 """
 import dataclasses
 import functools
@@ -175,6 +176,32 @@ def _mosaic_unsupported(q, masked):
     return None
 
 
+def _mosaic(q, k, v, causal, sm_scale, window, segment_ids, interpret, block_sizes):
+    """The Mosaic GPU kernels' output, or None after one warning when they cannot take the call."""
+    left, right = band(causal, window)
+    left = None if left is not None and left >= q.shape[1] else left
+    right = None if right is not None and right >= k.shape[1] else right
+    seg_q, seg_k = segments(segment_ids, q.shape[0], q.shape[1], k.shape[1])
+    why = _mosaic_unsupported(q, left is not None or right is not None)
+    if why is not None:
+        warnings.warn(f"flash_attention: impl='mosaic' does not support {why}; running the "
+                      f"Triton path", stacklevel=3)
+        return None
+    if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
+        raise KernelInputError(f"impl='mosaic' takes block_sizes=MosaicBlockSizes(...); got "
+                               f"{type(block_sizes).__name__}")
+    dim = q.shape[3]
+    pad_d = _common.round_up(dim, 64)     # zero columns change no score; sliced off below
+
+    def pad(x):
+        return _common.pad_to(x, 3, pad_d)
+    out = mosaic_attention(pad(q), pad(k), pad(v), seg_q, seg_k, left=left, right=right,
+                           sm_scale=softmax_scale(sm_scale, dim),
+                           blocks=block_sizes or default_block_sizes(pad_d),
+                           interpret=_common.resolve_interpret(interpret))
+    return out[..., :dim]
+
+
 def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segment_ids=None,
                     impl=None, interpret=None, block_sizes=None):
     """Fused multi-head attention, differentiable, in jax.nn.dot_product_attention's layout.
@@ -183,9 +210,8 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
     sm_scale defaults to 1/sqrt(D). window: int w or (left, right) (see module docstring).
     segment_ids: int [B, T] when T == S, or a pair ([B, T], [B, S]).
     impl: "mosaic", "triton" or None (mosaic on a Hopper-or-newer GPU unless block_sizes is a
-    triton BlockSizes, else triton). A call the
-    Mosaic GPU kernels cannot take (float32, head_dim > 256) warns once and runs
-    on the Triton path.
+    triton BlockSizes, else triton). A call the Mosaic GPU kernels cannot take (float32,
+    head_dim > 256, masks on CUDA 12.8.0-12.9.0) warns once and runs on the Triton path.
     interpret: None -> interpret mode off GPU (Mosaic GPU's or Pallas' interpreter), compiled
     on GPU.
     block_sizes: a MosaicBlockSizes (mosaic) or BlockSizes (triton) to override the tiles
@@ -199,29 +225,10 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
     if impl is None:   # triton BlockSizes keep a tuned caller on the path they were tuned for
         impl = "triton" if isinstance(block_sizes, BlockSizes) else _default_impl()
     if impl == "mosaic":
-        left, right = band(causal, window)
-        left = None if left is not None and left >= q.shape[1] else left
-        right = None if right is not None and right >= k.shape[1] else right
-        seg_q, seg_k = segments(segment_ids, q.shape[0], q.shape[1], k.shape[1])
-        why = _mosaic_unsupported(q, left is not None or right is not None)
-        if why is None:
-            if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
-                raise KernelInputError(f"impl='mosaic' takes block_sizes=MosaicBlockSizes(...); "
-                                       f"got {type(block_sizes).__name__}")
-            dim = q.shape[3]
-            pad_d = _common.round_up(dim, 64)
-
-            def pad(x):
-                return _common.pad_to(x, 3, pad_d)
-            out = mosaic_attention(
-                pad(q), pad(k), pad(v), seg_q, seg_k, left=left, right=right,
-                sm_scale=softmax_scale(sm_scale, dim),
-                blocks=block_sizes or default_block_sizes(pad_d),
-                interpret=_common.resolve_interpret(interpret))
-            return out[..., :dim]
-        warnings.warn(f"flash_attention: impl='mosaic' does not support {why}; running the "
-                      f"Triton path", stacklevel=2)
-        if isinstance(block_sizes, MosaicBlockSizes):
+        out = _mosaic(q, k, v, causal, sm_scale, window, segment_ids, interpret, block_sizes)
+        if out is not None:
+            return out
+        if isinstance(block_sizes, MosaicBlockSizes):     # fell back: Triton's own defaults
             block_sizes = None
     elif isinstance(block_sizes, MosaicBlockSizes):
         raise KernelInputError("impl='triton' takes block_sizes=BlockSizes(...); got "
