@@ -1,7 +1,8 @@
 """Pallas GPU kernels, each beside its plain-jnp reference (the oracle and the fallback).
 
-All run in interpret mode on CPU. On a GPU, flash attention and the norms compile through
-Pallas' Triton lowering; the grouped matmul targets Mosaic GPU.
+All run in interpret mode on CPU. On a GPU, the norms compile through Pallas' Triton lowering;
+the grouped matmul targets Mosaic GPU, and flash attention Mosaic GPU on Hopper or newer (Triton
+elsewhere and as its fallback).
 See pallas_kernels/README.md for the algorithms, block sizes and status.
 """
 from pallas_kernels._common import KernelInputError

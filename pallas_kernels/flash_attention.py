@@ -9,14 +9,18 @@ function too: `causal` keeps key j <= query i (top-left aligned when T != S), `w
 keeps i - l <= j <= i + r (an int w means (w, w)); `segment_ids` keeps pairs in the same segment.
 A query row with no key left gets output 0 and zero gradients.
 
-Three pallas_calls: forward (also writes the log-sum-exp; this file), dK/dV and dQ
-(flash_attention_backward.py); shared tiles and masks live in _flash_blocks.py. The backward kernels
-recompute the attention probabilities block by block from q, k and the saved log-sum-exp; no
-[T, S] matrix is ever written to memory. Blocks that a causal / window mask removes entirely
-are skipped by the loop bounds, not computed and masked.
+`impl` picks the kernels: "mosaic" (Mosaic GPU, FA3-style, flash_attention_mgpu.py; the default
+on Hopper or newer) or "triton" (this file: the Triton lowering, deprecated in jax 0.11, the
+fallback and the default elsewhere). The Triton path is three pallas_calls: forward (also
+writes the log-sum-exp; this file), dK/dV and dQ (flash_attention_backward.py); shared tiles and
+masks live in _flash_blocks.py. The backward kernels recompute the attention probabilities
+block by block from q, k and the saved log-sum-exp; no [T, S] matrix is ever written to memory.
+Blocks that a causal / window mask removes entirely are skipped by the loop bounds, not
+computed and masked.
 """
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +29,17 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
 from pallas_kernels._attention_args import band, check_inputs, segments, softmax_scale
+from pallas_kernels._common import KernelInputError
 from pallas_kernels._flash_blocks import (LOG2_E, MASK_VALUE, BlockSizes, _block_mask,
                                           _dot_nn, _dot_nt, _kv_head, _kv_steps, _segment_args,
                                           _segment_specs, _Spec, _split, _warps)
 from pallas_kernels.flash_attention_backward import _backward_dkv, _backward_dq
+from pallas_kernels.flash_attention_mgpu import (MosaicBlockSizes, default_block_sizes,
+                                               mosaic_attention)
+
+IMPLS = (None, "mosaic", "triton")
+MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+MOSAIC_MAX_HEAD_DIM = 256
 
 
 # ----------------------------------------------------------------------------- forward
@@ -136,18 +147,99 @@ def _clamp_blocks(blocks, seq_q, seq_k):
         block_q_dq=t(blocks.block_q_dq, seq_q), block_k_dq=t(blocks.block_k_dq, seq_k))
 
 
+def _default_impl():
+    """"mosaic" when the default backend is a GPU of compute capability >= 9.0, else "triton"."""
+    if jax.default_backend() != "gpu":
+        return "triton"
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return "mosaic" if capability is not None and float(capability) >= 9.0 else "triton"
+
+
+def _ptxas_miscompiles_masks():
+    """jax's own Mosaic GPU attention reports a ptxas miscompilation of causal masking on CUDA
+    runtimes 12.8.0 up to (not including) 12.9.1. cuda_versions is None without CUDA (CPU)."""
+    from jax._src.lib import cuda_versions  # noqa: PLC0415  (jax internals; None on CPU)
+    if cuda_versions is None:
+        return False
+    version = cuda_versions.cuda_runtime_get_version()
+    return 12080 <= version < 12091
+
+
+def _mosaic_unsupported(q, masked):
+    """Why the Mosaic GPU kernels cannot take this call (-> Triton fallback), or None."""
+    if q.dtype not in MOSAIC_DTYPES:
+        return f"dtype {q.dtype} (wgmma attention kernels take bfloat16 / float16)"
+    if q.shape[3] > MOSAIC_MAX_HEAD_DIM:
+        return f"head_dim {q.shape[3]} > {MOSAIC_MAX_HEAD_DIM} (shared memory)"
+    if masked and _ptxas_miscompiles_masks():
+        return "masking on CUDA 12.8.0-12.9.0 (ptxas miscompiles it)"
+    return None
+
+
+def _mosaic(q, k, v, causal, sm_scale, window, segment_ids, interpret, block_sizes):
+    """The Mosaic GPU kernels' output, or None after one warning when they cannot take the call."""
+    left, right = band(causal, window)
+    left = None if left is not None and left >= q.shape[1] else left
+    right = None if right is not None and right >= k.shape[1] else right
+    seg_q, seg_k = segments(segment_ids, q.shape[0], q.shape[1], k.shape[1])
+    why = _mosaic_unsupported(q, left is not None or right is not None)
+    if why is not None:
+        warnings.warn(f"flash_attention: impl='mosaic' does not support {why}; running the "
+                      f"Triton path", stacklevel=3)
+        return None
+    if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
+        raise KernelInputError(f"impl='mosaic' takes block_sizes=MosaicBlockSizes(...); got "
+                               f"{type(block_sizes).__name__}")
+    dim = q.shape[3]
+    pad_d = _common.round_up(dim, 64)     # zero columns change no score; sliced off below
+
+    def pad(x):
+        return _common.pad_to(x, 3, pad_d)
+    out = mosaic_attention(pad(q), pad(k), pad(v), seg_q, seg_k, left=left, right=right,
+                           sm_scale=softmax_scale(sm_scale, dim),
+                           blocks=block_sizes or default_block_sizes(pad_d),
+                           interpret=_common.resolve_interpret(interpret))
+    return out[..., :dim]
+
+
 def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segment_ids=None,
-                    interpret=None, block_sizes=None):
+                    impl=None, interpret=None, block_sizes=None):
     """Fused multi-head attention, differentiable, in jax.nn.dot_product_attention's layout.
 
     q [B, T, H, D]; k, v [B, S, KVH, D] with H % KVH == 0; float32, bfloat16 or float16.
     sm_scale defaults to 1/sqrt(D). window: int w or (left, right) (see module docstring).
     segment_ids: int [B, T] when T == S, or a pair ([B, T], [B, S]).
-    interpret: None -> interpret mode off GPU, compiled (Triton lowering) on GPU.
-    block_sizes: a BlockSizes to override the tiles (tuning, tests); None for the defaults.
-    Any T, S and D: the wrapper pads to whole blocks (D to a power of two) and masks.
+    impl: "mosaic", "triton" or None (mosaic on a Hopper-or-newer GPU unless block_sizes is a
+    triton BlockSizes, else triton). A call the Mosaic GPU kernels cannot take (float32,
+    head_dim > 256, masks on CUDA 12.8.0-12.9.0) warns once and runs on the Triton path.
+    interpret: None -> interpret mode off GPU (Mosaic GPU's or Pallas' interpreter), compiled
+    on GPU.
+    block_sizes: a MosaicBlockSizes (mosaic) or BlockSizes (triton) to override the tiles
+    (tuning, tests); None for the defaults.
+    Any T, S and D: the wrapper pads to whole blocks (D to a multiple of 64 for mosaic, a power
+    of two for triton) and masks.
     """
+    if impl not in IMPLS:
+        raise KernelInputError(f"impl must be None, 'mosaic' or 'triton'; got {impl!r}")
     check_inputs(q, k, v)
+    if impl is None:   # triton BlockSizes keep a tuned caller on the path they were tuned for
+        impl = "triton" if isinstance(block_sizes, BlockSizes) else _default_impl()
+    if impl == "mosaic":
+        out = _mosaic(q, k, v, causal, sm_scale, window, segment_ids, interpret, block_sizes)
+        if out is not None:
+            return out
+        if isinstance(block_sizes, MosaicBlockSizes):     # fell back: Triton's own defaults
+            block_sizes = None
+    elif isinstance(block_sizes, MosaicBlockSizes):
+        raise KernelInputError("impl='triton' takes block_sizes=BlockSizes(...); got "
+                               "MosaicBlockSizes")
+    return _triton_attention(q, k, v, causal=causal, sm_scale=sm_scale, window=window,
+                             segment_ids=segment_ids, interpret=interpret,
+                             block_sizes=block_sizes)
+
+
+def _triton_attention(q, k, v, *, causal, sm_scale, window, segment_ids, interpret,
+                      block_sizes):
     batch, seq_q, heads, dim = q.shape
     seq_k = k.shape[1]
     left, right = band(causal, window)

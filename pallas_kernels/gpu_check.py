@@ -115,15 +115,17 @@ def standard_configs():
     for d in (64, 128):
         q, kv = s((2, 4096, 2048 // d, d), jnp.bfloat16), s((2, 4096, 512 // d, d), jnp.bfloat16)
         configs[f"attn_bf16_d{d}_causal_gqa4"] = (_grads(
-            lambda q, k, v: pk.flash_attention(q, k, v, causal=True, interpret=False), 3),
+            lambda q, k, v: pk.flash_attention(q, k, v, causal=True, impl="triton",
+                                               interpret=False), 3),
             (q, kv, kv))
     q, seg = s((2, 1000, 8, 80), jnp.float16), s((2, 1000), jnp.int32)
     configs["attn_f16_d80_window_segments"] = (_grads(
         lambda q, k, v, ids: pk.flash_attention(q, k, v, window=(128, 0), segment_ids=ids,
-                                                interpret=False), 3), (q, q, q, seg))
+                                                impl="triton", interpret=False), 3), (q, q, q, seg))
     q = s((2, 512, 4, 64), jnp.float32)
     configs["attn_f32_d64"] = (_grads(
-        lambda q, k, v: pk.flash_attention(q, k, v, interpret=False), 3), (q, q, q))
+        lambda q, k, v: pk.flash_attention(q, k, v, impl="triton", interpret=False), 3),
+        (q, q, q))
     for d in (1000, 4096, 8192):
         x, p = s((8, 512, d), jnp.bfloat16), s((d,), jnp.bfloat16)
         configs[f"rms_bf16_d{d}"] = (_grads(
