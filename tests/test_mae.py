@@ -1,0 +1,117 @@
+"""MAE: masking counts and indices, the normalised target, masked-only loss, the decoder sees
+what the encoder saw (visible patches only), reconstruction images, one task step."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcourse.errors import UserError
+from jaxcourse.vision import mae as M
+
+
+class TinyPatchEncoder(nn.Module):
+    """Stand-in for the ViT: patch embedding + learned positions, drop to `keep`, a class
+    token, one MLP layer. Returns {"tokens": [B, 1 + K, D]}."""
+    patch_size: int = 4
+    d: int = 16
+
+    @nn.compact
+    def __call__(self, images, *, train=False, keep_BxK=None):
+        x = nn.Dense(self.d)(M.patchify(images, self.patch_size))
+        x = x + self.param("pos", nn.initializers.normal(0.02), x.shape[1:])[None]
+        if keep_BxK is not None:
+            x = jnp.take_along_axis(x, keep_BxK[..., None], axis=1)
+        cls = jnp.broadcast_to(self.param("cls", nn.initializers.zeros, (1, 1, self.d)),
+                               (x.shape[0], 1, self.d))
+        x = jnp.concatenate([cls, x], axis=1)
+        return {"tokens": x + nn.Dense(self.d)(nn.gelu(x))}
+
+
+def test_random_masking_counts_and_indices():
+    n = 16
+    for ratio in (0.0, 0.5, 0.75, 0.9):
+        m = M.random_masking(jax.random.key(1), 6, n, ratio)
+        k = n - round(ratio * n)
+        chex.assert_shape([m["keep"], m["restore"], m["mask"]], [(6, k), (6, n), (6, n)])
+        np.testing.assert_array_equal(m["mask"].sum(1), round(ratio * n))
+        for i in range(6):  # kept indices are exactly the visible (mask 0) positions
+            assert sorted(np.asarray(m["keep"][i])) == list(np.flatnonzero(m["mask"][i] == 0))
+    m = M.random_masking(jax.random.key(2), 4, n, 0.75)
+    assert len({tuple(np.asarray(r)) for r in m["mask"]}) == 4  # per-example shuffles
+    # restore inverts the shuffle: [visible; hidden] gathered with restore is raster order
+    x = jnp.broadcast_to(jnp.arange(n) * 10, (4, n))
+    hidden = jnp.stack([jnp.flatnonzero(m["mask"][i], size=12) for i in range(4)])
+    shuffled = jnp.concatenate([jnp.take_along_axis(x, m["keep"], 1),
+                                jnp.take_along_axis(x, hidden, 1)], axis=1)
+    # hidden here is sorted, the true shuffle is not; compare through the shuffle itself
+    shuffle = jnp.argsort(m["restore"], axis=1)
+    np.testing.assert_array_equal(shuffle[:, :4], m["keep"])
+    np.testing.assert_array_equal(
+        jnp.take_along_axis(jnp.take_along_axis(x, shuffle, 1), m["restore"], 1), x)
+    assert shuffled.shape == (4, n)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(UserError, match=r"must be in \[0, 1\)"):
+            M.random_masking(jax.random.key(0), 2, n, bad)
+    with pytest.raises(UserError, match="no visible patch"):
+        M.random_masking(jax.random.key(0), 2, 4, 0.9)
+    with pytest.raises(UserError, match=r"must be in \[0, 1\)"):
+        M.MAEConfig(mask_ratio=1.0)
+
+
+def test_normalized_target_and_masked_only_loss():
+    patch = jnp.array([[[1.0, 2.0, 3.0, 6.0]]])  # mean 3, var 3.5
+    np.testing.assert_allclose(M.normalized_targets(patch),
+                               (patch - 3.0) / np.sqrt(3.5 + 1e-6), rtol=1e-6)
+    rng = jax.random.key(3)
+    t = M.normalized_targets(jax.random.normal(rng, (2, 5, 12)))
+    np.testing.assert_allclose(t.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(t.var(-1), 1.0, atol=1e-4)
+    pred = jnp.zeros((2, 5, 12))
+    mask = jnp.array([[1, 0, 0, 1, 0], [0, 0, 1, 0, 0]], jnp.float32)
+    want = np.mean([np.mean(np.asarray(t[i, j]) ** 2) for i, j in [(0, 0), (0, 3), (1, 2)]])
+    np.testing.assert_allclose(M.mae_loss(pred, t, mask), want, rtol=1e-5)
+    noisy = pred.at[0, 1].set(100.0).at[1, 4].set(-7.0)  # visible patches: ignored
+    np.testing.assert_allclose(M.mae_loss(noisy, t, mask), want, rtol=1e-5)
+
+
+def test_patchify_roundtrip_and_reconstruction_images():
+    cfg = M.MAEConfig(patch_size=2)
+    img = jax.random.uniform(jax.random.key(4), (2, 4, 6, 3))
+    patches = M.patchify(img, 2)
+    chex.assert_shape(patches, (2, 6, 12))
+    np.testing.assert_array_equal(patches[0, 1], img[0, 0:2, 2:4].reshape(-1))
+    np.testing.assert_array_equal(M.unpatchify(patches, 2, 4, 6, 3), img)
+    m = M.random_masking(jax.random.key(5), 2, 6, 0.5)
+    rec = M.reconstruction(img, M.targets(img, cfg), m["mask"], cfg)  # a perfect prediction
+    np.testing.assert_allclose(rec["pasted"], img, atol=1e-5)
+    np.testing.assert_allclose(rec["prediction"], img, atol=1e-5)
+    hidden = M.unpatchify(jnp.broadcast_to(m["mask"][..., None], (2, 6, 12)), 2, 4, 6, 3)
+    np.testing.assert_array_equal(rec["masked"], jnp.where(hidden > 0, 0.0, img))
+    with pytest.raises(UserError, match="does not divide"):
+        M.patchify(img, 4)
+
+
+def test_mae_model_sees_visible_patches_only_and_trains():
+    cfg = M.MAEConfig(patch_size=4, decoder_d_model=16, decoder_layers=1, decoder_heads=2)
+    model = M.MAE(TinyPatchEncoder(4, 16), cfg)
+    img = jax.random.uniform(jax.random.key(6), (2, 8, 8, 3))
+    task = M.mae_task(model)
+    params, state = jax.jit(task.init)(jax.random.key(0), {"image": img})
+    m = M.random_masking(jax.random.key(7), 2, 4, 0.75)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, m["keep"], m["restore"]))
+    pred = apply(params, img)
+    chex.assert_shape(pred, (2, 4, 48))
+    # repaint every hidden patch: the prediction must not change (the encoder never saw it)
+    hidden = M.unpatchify(jnp.broadcast_to(m["mask"][..., None], (2, 4, 48)), 4, 8, 8, 3)
+    repainted = jnp.where(hidden > 0, 5.0, img)
+    np.testing.assert_allclose(apply(params, repainted), pred, atol=1e-6)
+    loss_fn = lambda p: task.loss(p, state, {"image": img}, jax.random.key(8), True)[0]  # noqa: E731
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    value, grads = grad_fn(params)
+    chex.assert_tree_all_finite(grads)
+    assert float(jnp.abs(grads["encoder"]["Dense_0"]["kernel"]).sum()) > 0
+    lr = 0.05
+    stepped = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    assert float(grad_fn(stepped)[0]) < float(value)
