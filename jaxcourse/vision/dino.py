@@ -17,6 +17,7 @@ KL between teacher and student (-> 0 when both collapse to the same output).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -228,6 +229,11 @@ def knn_predict(train_NxD, train_labels_N, query_QxD, num_classes: int, k: int =
     training features vote for their label with weight exp(sim / T). Returns [Q] labels."""
     if not 0 < k <= train_NxD.shape[0]:
         raise UserError(f"k-NN with k={k} needs 1..{train_NxD.shape[0]} training features")
+    return _knn_predict(train_NxD, train_labels_N, query_QxD, num_classes, k, temperature)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _knn_predict(train_NxD, train_labels_N, query_QxD, num_classes, k, temperature):
     norm = lambda x: x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)  # noqa: E731
     sim_QxN = norm(query_QxD) @ norm(train_NxD).T
     top_sim, top_idx = jax.lax.top_k(sim_QxN, k)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -64,6 +65,7 @@ def _check_patch(h: int, w: int, p: int) -> None:
         raise UserError(f"patch size {p} does not divide the {h}x{w} image")
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def patchify(images_BxHxWxC, p: int):
     """[B, H, W, C] -> [B, N, p*p*C], patches in raster order, pixels (row, col, channel)."""
     b, h, w, c = images_BxHxWxC.shape
@@ -72,12 +74,14 @@ def patchify(images_BxHxWxC, p: int):
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def unpatchify(patches_BxNxP, p: int, h: int, w: int, c: int):
     b = patches_BxNxP.shape[0]
     x = patches_BxNxP.reshape(b, h // p, w // p, p, p, c)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def random_masking(rng, batch: int, n_patches: int, ratio: float) -> dict:
     """Per-example shuffle by argsort of noise (MAE section 3, "Masking").
 
@@ -94,6 +98,7 @@ def random_masking(rng, batch: int, n_patches: int, ratio: float) -> dict:
     return {"keep": shuffle_BxN[:, :k], "restore": restore_BxN, "mask": mask_BxN}
 
 
+@jax.jit
 def normalized_targets(patches_BxNxP, eps: float = 1e-6):
     """Each patch's pixels minus their mean, over sqrt(var + eps) (MAE's norm_pix_loss)."""
     mean = patches_BxNxP.mean(-1, keepdims=True)
@@ -101,6 +106,7 @@ def normalized_targets(patches_BxNxP, eps: float = 1e-6):
     return (patches_BxNxP - mean) / jnp.sqrt(var + eps)
 
 
+@jax.jit
 def mae_loss(pred_BxNxP, target_BxNxP, mask_BxN):
     """Mean squared error per patch, averaged over the masked patches only."""
     per_patch_BxN = ((pred_BxNxP - target_BxNxP) ** 2).mean(-1)
@@ -160,6 +166,7 @@ def targets(images_BxHxWxC, cfg: MAEConfig):
     return normalized_targets(patches) if cfg.norm_pix else patches
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def reconstruction(images_BxHxWxC, pred_BxNxP, mask_BxN, cfg: MAEConfig) -> dict:
     """Images for a figure: the masked input (hidden patches zero), the prediction in pixel
     space (norm_pix predictions take each true patch's mean and std, as the paper's figures
