@@ -40,6 +40,8 @@ def test_config_is_validated():
         CL.CLIPConfig(text_pool="cls")
     with pytest.raises(UserError, match="not divisible"):
         CL.CLIPConfig(text_width=10, text_heads=4)
+    with pytest.raises(UserError, match="a prompt has 5 tokens, longer than the text context 4"):
+        CL.encode_texts(None, None, lambda s: [1] * len(s), ["ab", "abcde"], context=4)
 
 
 @pytest.mark.parametrize("loss,pool,causal", [("clip", "last", True),
