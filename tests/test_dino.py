@@ -79,27 +79,30 @@ def test_head_multicrop_and_collapse_monitor():
     cfg = D.DINOConfig(out_dim=6, hidden_dim=8, bottleneck_dim=4, n_local=3, global_size=8,
                        local_size=4)
     images = np.random.default_rng(2).uniform(size=(2, 12, 12, 3)).astype(np.float32)
-    crops = jax.jit(lambda r: D.multi_crop(r, images, cfg))
-    a, b = crops(jax.random.key(3)), crops(jax.random.key(3))
-    chex.assert_shape([a["global"], a["local"]], [(2, 2, 8, 8, 3), (3, 2, 4, 4, 3)])
-    np.testing.assert_array_equal(a["global"], b["global"])  # seeded
-    assert not np.allclose(a["global"][0], a["global"][1])   # two different views
-    head = D.DINOHead(cfg)
-    out, _ = jax.jit(head.init_with_output)(
-        jax.random.key(4), np.random.default_rng(5).normal(size=(7, 5)).astype(np.float32))
-    chex.assert_shape(out, (7, 6))
-    # a unit bottleneck times unit-norm prototypes: every logit is a cosine
-    assert float(jnp.abs(out).max()) <= 1.0 + 1e-5
     k = 6
-    flat = np.zeros((2, 3, k), np.float32)
-    monitor = jax.jit(D.collapse_monitor)
-    mon = monitor(np.zeros((4, 3, k), np.float32), flat, np.zeros(k, np.float32), 0.04)
-    np.testing.assert_allclose(mon["teacher_entropy"], np.log(k), rtol=1e-5)
-    np.testing.assert_allclose(mon["kl"], 0.0, atol=1e-6)
     sharp = np.random.default_rng(6).normal(size=(2, 3, k)).astype(np.float32) * 10
     center = np.full((k,), 0.5, np.float32)
     student = (sharp - center) * 0.1 / 0.04  # the student already matches the teacher
-    mon = monitor(student, sharp, center, 0.04)
+    head = D.DINOHead(cfg)
+    x = np.random.default_rng(5).normal(size=(7, 5)).astype(np.float32)
+
+    @jax.jit
+    def run(key):  # one compile for crops, head and monitor
+        flat = D.collapse_monitor(jnp.zeros((4, 3, k)), jnp.zeros((2, 3, k)), jnp.zeros(k),
+                                  0.04)
+        return (D.multi_crop(key, images, cfg), head.init_with_output(jax.random.key(4), x)[0],
+                flat, D.collapse_monitor(student, sharp, center, 0.04))
+
+    a, out, flat_mon, mon = run(jax.random.key(3))
+    b = run(jax.random.key(3))[0]
+    chex.assert_shape([a["global"], a["local"]], [(2, 2, 8, 8, 3), (3, 2, 4, 4, 3)])
+    np.testing.assert_array_equal(a["global"], b["global"])  # seeded
+    assert not np.allclose(a["global"][0], a["global"][1])   # two different views
+    chex.assert_shape(out, (7, 6))
+    # a unit bottleneck times unit-norm prototypes: every logit is a cosine
+    assert float(jnp.abs(out).max()) <= 1.0 + 1e-5
+    np.testing.assert_allclose(flat_mon["teacher_entropy"], np.log(k), rtol=1e-5)
+    np.testing.assert_allclose(flat_mon["kl"], 0.0, atol=1e-6)
     assert float(mon["teacher_entropy"]) < 0.05 * np.log(k)
     np.testing.assert_allclose(mon["kl"], 0.0, atol=1e-5)
 
@@ -130,11 +133,16 @@ def test_dino_task_update_moves_teacher_and_center():
                        local_size=4, teacher_temp_warmup=10, total_steps=10)
     task = D.dino_task(D.DINO(TinyPixelEncoder(), cfg))
     batch = {"image": np.random.default_rng(7).uniform(size=(4, 12, 12, 3)).astype(np.float32)}
-    params, model_state = jax.jit(task.init)(jax.random.key(8), batch)
     tx = optax.sgd(0.5)
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                       model_state=model_state, ema_params=None, rng=jax.random.key(9))
-    new, metrics = jax.jit(lambda s, b: task.update(s, b, jax.random.key(10), tx))(state, batch)
+
+    @jax.jit
+    def init_and_update(batch):  # one compile
+        params, model_state = task.init(jax.random.key(8), batch)
+        state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                           model_state=model_state, ema_params=None, rng=jax.random.key(9))
+        return params, model_state, *task.update(state, batch, jax.random.key(10), tx)
+
+    params, model_state, new, metrics = init_and_update(batch)
     chex.assert_tree_all_finite((new.params, new.model_state, metrics))
     m = float(metrics["teacher_momentum"])
     assert m == pytest.approx(0.996)
