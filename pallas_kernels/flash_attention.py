@@ -176,14 +176,17 @@ def _mosaic_unsupported(q, masked):
     return None
 
 
-def _mosaic(q, k, v, causal, sm_scale, window, segment_ids, interpret, block_sizes):
-    """The Mosaic GPU kernels' output, or None after one warning when they cannot take the call."""
+def _mosaic(q, k, v, causal, sm_scale, window, segment_ids, interpret, block_sizes, warn):
+    """The Mosaic GPU kernels' output, or None (after one warning when `warn`: the caller asked
+    for mosaic by name) when they cannot take the call."""
     left, right = band(causal, window)
     left = None if left is not None and left >= q.shape[1] else left
     right = None if right is not None and right >= k.shape[1] else right
     seg_q, seg_k = segments(segment_ids, q.shape[0], q.shape[1], k.shape[1])
     why = _mosaic_unsupported(q, left is not None or right is not None)
     if why is not None:
+        if not warn:
+            return None
         warnings.warn(f"flash_attention: impl='mosaic' does not support {why}; running the "
                       f"Triton path", stacklevel=3)
         return None
@@ -211,7 +214,8 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
     segment_ids: int [B, T] when T == S, or a pair ([B, T], [B, S]).
     impl: "mosaic", "triton" or None (mosaic on a Hopper-or-newer GPU unless block_sizes is a
     triton BlockSizes, else triton). A call the Mosaic GPU kernels cannot take (float32,
-    head_dim > 256, masks on CUDA 12.8.0-12.9.0) warns once and runs on the Triton path.
+    head_dim > 256, masks on CUDA 12.8.0-12.9.0) runs on the Triton path, with one warning
+    when impl="mosaic" was asked for by name.
     interpret: None -> interpret mode off GPU (Mosaic GPU's or Pallas' interpreter), compiled
     on GPU.
     block_sizes: a MosaicBlockSizes (mosaic) or BlockSizes (triton) to override the tiles
@@ -222,10 +226,14 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
     if impl not in IMPLS:
         raise KernelInputError(f"impl must be None, 'mosaic' or 'triton'; got {impl!r}")
     check_inputs(q, k, v)
+    chosen = impl is not None
     if impl is None:   # triton BlockSizes keep a tuned caller on the path they were tuned for
         impl = "triton" if isinstance(block_sizes, BlockSizes) else _default_impl()
     if impl == "mosaic":
-        out = _mosaic(q, k, v, causal, sm_scale, window, segment_ids, interpret, block_sizes)
+        # The default choice moves a case mosaic cannot take (float32 models on a Hopper)
+        # to Triton silently; only an explicit impl="mosaic" warns that it did.
+        out = _mosaic(q, k, v, causal, sm_scale, window, segment_ids, interpret, block_sizes,
+                      warn=chosen)
         if out is not None:
             return out
         if isinstance(block_sizes, MosaicBlockSizes):     # fell back: Triton's own defaults

@@ -132,6 +132,18 @@ def test_float32_warns_once_and_runs_triton():
                                atol=3e-2)
 
 
+def test_default_choice_moves_float32_to_triton_silently(monkeypatch):
+    """impl=None on a Hopper picks mosaic; a float32 model then runs Triton without a warning
+    on every trace (only an explicit impl="mosaic" warns)."""
+    monkeypatch.setattr(fa, "_default_impl", lambda: "mosaic")
+    q, k, v, _ = _inputs(1, 20, 20, 2, 1, 16, jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pk.flash_attention(q, k, v, causal=True)
+    want = pk.flash_attention_reference(q, k, v, causal=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
+
+
 @pytest.mark.parametrize("over, match", [
     ({"impl": "cuda"}, "impl must be None, 'mosaic' or 'triton'"),
     ({"block_sizes": MosaicBlockSizes(block_q=96)}, "block_q=96 must be a positive multiple"),
@@ -165,7 +177,7 @@ def test_masking_on_bad_ptxas_falls_back(monkeypatch):
     monkeypatch.setattr(fa, "_ptxas_miscompiles_masks", lambda: True)
     q, k, v, _ = _inputs(1, 16, 16, 2, 1, 16, jnp.bfloat16)
     with pytest.warns(UserWarning, match="masking on CUDA 12.8.0-12.9.0"):   # None: use Triton
-        assert fa._mosaic(q, k, v, True, None, None, None, None, None) is None
+        assert fa._mosaic(q, k, v, True, None, None, None, None, None, warn=True) is None
     assert fa._mosaic_unsupported(q, masked=False) is None
 
 
