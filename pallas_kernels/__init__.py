@@ -1,7 +1,7 @@
 """Pallas GPU kernels, each beside its plain-jnp reference (the oracle and the fallback).
 
 All run in interpret mode on CPU. On a GPU, the norms compile through Pallas' Triton lowering;
-the grouped matmul targets Mosaic GPU, and flash attention Mosaic GPU on Hopper or newer (Triton
+the grouped matmul and the selective scan target Mosaic GPU, and flash attention Mosaic GPU on Hopper or newer (Triton
 elsewhere and as its fallback).
 See pallas_kernels/README.md for the algorithms, block sizes and status.
 """
@@ -10,6 +10,7 @@ from pallas_kernels.flash_attention import flash_attention, flash_attention_refe
 from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
 from pallas_kernels.layer_norm import layer_norm, layer_norm_reference
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
+from pallas_kernels.selective_scan import selective_scan, selective_scan_reference
 
 __all__ = [
     "KernelInputError",
@@ -17,4 +18,5 @@ __all__ = [
     "grouped_matmul", "grouped_matmul_reference",
     "layer_norm", "layer_norm_reference",
     "rms_norm", "rms_norm_reference",
+    "selective_scan", "selective_scan_reference",
 ]

@@ -20,6 +20,9 @@ gradients):
                    context 64, batch 12) took 384 ms with chunk 8 against 455 ms with an
                    associative scan inside the chunk and ~890 ms with "associative".
 
+"pallas" calls `pallas_kernels.selective_scan` (a Mosaic GPU kernel; its backward
+differentiates "chunked"). Off a GPU it runs in the Mosaic GPU interpreter: correct but slow.
+
 SSD (Dao & Gu 2024, "Transformers are SSMs", Listing 1) has one scalar decay per head, so a
 chunk is a masked matmul (the "diagonal blocks") and states pass between chunks:
 
@@ -33,7 +36,7 @@ import jax.numpy as jnp
 
 from jaxcourse.errors import UserError
 
-SCAN_IMPLS = ("sequential", "associative", "chunked")
+SCAN_IMPLS = ("sequential", "associative", "chunked", "pallas")
 
 
 def check_chunk(chunk: int, key: str = "chunk") -> int:
@@ -83,6 +86,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         raise UserError(f"selective_scan: u {u.shape}, delta {delta.shape} and A {A.shape} "
                         "must be [b, l, dim], [b, l, dim] and [dim, state]")
     check_state_size(A.shape[1], "the state size A.shape[1]")
+    if impl == "pallas":  # `chunk` does not apply: the kernel has its own block sizes
+        import pallas_kernels  # noqa: PLC0415  (pallas_kernels imports this module)
+        return pallas_kernels.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                             return_last_state, initial_state=initial_state)
     dtype_in = u.dtype
     u32, delta = u.astype(jnp.float32), delta.astype(jnp.float32)
     if delta_bias is not None:
