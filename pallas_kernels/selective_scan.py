@@ -21,9 +21,11 @@ The wrapper applies delta_bias/softplus before and D, silu(z) after the kernel i
 those elementwise ops and differentiates them); it pads the length to whole chunks with delta=0
 (the identity step: decay 1, input 0) and the channels to whole blocks, then slices.
 
-Backward (`jax.custom_vjp`) recomputes instead of storing the [b, l, dim, state] states: it
-differentiates the chunked jnp scan (`ssm_scan._chunked`, whose chunk bodies are rematerialised
-under `jax.checkpoint`, so only one state per chunk is kept). It is XLA, not a Pallas kernel yet.
+Backward (`jax.custom_vjp`) recomputes instead of storing the [b, l, dim, state] states: the
+forward also writes the state entering each chunk, and the backward kernel
+(selective_scan_backward.py) re-runs each chunk's recurrence from it, then the reverse
+recurrence for du, ddelta, dA, dB, dC and the initial state's gradient. dD, dz and
+ddelta_bias come from XLA's derivative of the jnp around the kernel.
 """
 from __future__ import annotations
 
@@ -38,11 +40,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxcourse.models import ssm_scan
 from pallas_kernels._common import KernelInputError, check_float, pad_to, resolve_interpret
+from pallas_kernels.selective_scan_backward import scan_backward
 
 # One warpgroup; the 1-D strided register layout spreads block_d over its 128 threads.
 WARPGROUP = 128
-# Steps unrolled per rematerialised chunk of the backward (the chunked jnp scan's default).
-BACKWARD_CHUNK = 8
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -50,8 +51,10 @@ BACKWARD_CHUNK = 8
 class BlockSizes:
     """Tiles of the forward kernel (first guess for H100/H200, not tuned on hardware)."""
     block_d: int = 128        # channels per CTA (one per thread)
-    chunk: int = 32           # time steps per pipeline stage
-    num_stages: int = 2       # SMEM pipeline depth (TMA copies in flight)
+    # Time steps per pipeline stage. The backward keeps a chunk's chunk + 1 states in
+    # registers (n values each per thread): 9 x 16 at n = 16, under the 255-register limit.
+    chunk: int = 8
+    num_stages: int = 4       # SMEM pipeline depth (TMA copies in flight)
 
     def validate(self):
         if self.block_d <= 0 or self.block_d % WARPGROUP:
@@ -64,18 +67,20 @@ class BlockSizes:
 
 
 # ----------------------------------------------------------------------------- kernel
-def _scan_kernel(u, delta, a_t, b, c, h0, bs: BlockSizes, per_group_blocks: int, interpret):
+def _scan_kernel(u, delta, a_t, b, c, h0, bs: BlockSizes, per_group_blocks: int, interpret,
+                 save_states: bool = False):
     """u, delta [B, Lp, Dp] f32; a_t [N, Dp]; b, c [B, Lp, G*N]; h0 [B, N, Dp]
-    -> y [B, Lp, Dp], last state [B, N, Dp]."""
+    -> y [B, Lp, Dp], last state [B, N, Dp] (and, save_states, the state entering each chunk
+    [B, Lp/chunk, N, Dp] for the backward)."""
     batch, length, dim = u.shape
     n_state = a_t.shape[0]
     bd, ch = bs.block_d, bs.chunk
 
-    def body(u_ref, dt_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, last_ref):
+    def body(u_ref, dt_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, last_ref, *hs_ref):
         bi, di = lax.axis_index("b"), lax.axis_index("d")
         group = di // per_group_blocks
 
-        def scoped(a_smem, h_smem, y_smem, a_bar, h_bar):
+        def scoped(a_smem, h_smem, y_smem, hs_smem, a_bar, h_bar):
             channels = pl.ds(di * bd, bd)
             plgpu.copy_gmem_to_smem(a_ref.at[:, channels], a_smem, a_bar)
             plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, channels], h_smem, h_bar)
@@ -90,6 +95,12 @@ def _scan_kernel(u, delta, a_t, b, c, h0, bs: BlockSizes, per_group_blocks: int,
                 # wait until at most one store (the other buffer's) still reads SMEM.
                 y_s = y_smem.at[idx[0] % 2]
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                if save_states:   # the chunk's entering state; the previous chunk's y may
+                    h_s = hs_smem.at[idx[0] % 2]     # still be in flight, its state is not
+                    for n in range(n_state):
+                        h_s[n] = h[n]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(h_s, hs_ref[0].at[bi, idx[0], :, channels])
 
                 def step(t, h):
                     d_t = dt_s[t]
@@ -125,12 +136,15 @@ def _scan_kernel(u, delta, a_t, b, c, h0, bs: BlockSizes, per_group_blocks: int,
         pl.run_scoped(scoped, plgpu.SMEM((n_state, bd), jnp.float32),
                       plgpu.SMEM((n_state, bd), jnp.float32),
                       plgpu.SMEM((2, ch, bd), jnp.float32),
+                      plgpu.SMEM((2 if save_states else 1, n_state, bd), jnp.float32),
                       plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1))
 
     kernel = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
-                  jax.ShapeDtypeStruct((batch, n_state, dim), jnp.float32)),
+                  jax.ShapeDtypeStruct((batch, n_state, dim), jnp.float32))
+        + ((jax.ShapeDtypeStruct((batch, length // ch, n_state, dim), jnp.float32),)
+           if save_states else ()),
         grid=(batch, dim // bd), grid_names=("b", "d"),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Lane),
@@ -139,19 +153,26 @@ def _scan_kernel(u, delta, a_t, b, c, h0, bs: BlockSizes, per_group_blocks: int,
 
 
 # ----------------------------------------------------------------------------- core + VJP
-def _forward(u, delta, A, B, C, h0, bs, interpret):
-    """Core scan, all float32: u, delta [b, l, dim]; A [dim, n]; B, C [b, l, g, n]; h0
-    [b, dim, n] -> (y [b, l, dim], last state [b, dim, n])."""
+def _padded(u, delta, A, B, C, h0, bs):
+    """Pad to whole chunks (delta=0: identity steps) and blocks; B, C -> [b, Lp, g*n]."""
     batch, length, dim = u.shape
     groups, n_state = B.shape[2], B.shape[3]
     lp = -(-length // bs.chunk) * bs.chunk
     dp = dim if groups > 1 else -(-dim // bs.block_d) * bs.block_d
-    pad = lambda x: pad_to(pad_to(x, 1, lp), 2, dp)  # noqa: E731  delta=0 pads: identity steps
+    pad = lambda x: pad_to(pad_to(x, 1, lp), 2, dp)  # noqa: E731
     flat = lambda m: pad_to(m, 1, lp).reshape(batch, lp, groups * n_state)  # noqa: E731
-    y, last = _scan_kernel(pad(u), pad(delta), pad_to(A, 0, dp).T, flat(B), flat(C),
-                           pad_to(jnp.swapaxes(h0, 1, 2), 2, dp), bs,
-                           dp // groups // bs.block_d, interpret)
-    return y[:, :length, :dim], jnp.swapaxes(last, 1, 2)[:, :dim]
+    return ((pad(u), pad(delta), pad_to(A, 0, dp).T, flat(B), flat(C),
+             pad_to(jnp.swapaxes(h0, 1, 2), 2, dp)), dp // groups // bs.block_d)
+
+
+def _forward(u, delta, A, B, C, h0, bs, interpret, save_states=False):
+    """Core scan, all float32: u, delta [b, l, dim]; A [dim, n]; B, C [b, l, g, n]; h0
+    [b, dim, n] -> (y [b, l, dim], last state [b, dim, n])."""
+    length, dim = u.shape[1:]
+    args, per_group = _padded(u, delta, A, B, C, h0, bs)
+    y, last, *hs = _scan_kernel(*args, bs, per_group, interpret, save_states)
+    out = (y[:, :length, :dim], jnp.swapaxes(last, 1, 2)[:, :dim])
+    return (out, (args, hs[0], per_group)) if save_states else out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -160,21 +181,26 @@ def _core(u, delta, A, B, C, h0, bs, interpret):
 
 
 def _core_fwd(u, delta, A, B, C, h0, bs, interpret):
-    return _forward(u, delta, A, B, C, h0, bs, interpret), (u, delta, A, B, C, h0)
-
-
-def _recompute(u, delta, A, B, C, h0):
-    """The chunked jnp scan: what the backward differentiates (states rematerialised)."""
-    dim = u.shape[2]
-    if B.shape[2] == 1:  # one group: broadcast, never a [b, l, dim, n] copy
-        B, C = B[:, :, 0], C[:, :, 0]
-    per_channel = ssm_scan._per_channel  # noqa: SLF001
-    return ssm_scan._chunked(u, delta, A, per_channel(B, dim),  # noqa: SLF001
-                             per_channel(C, dim), h0, BACKWARD_CHUNK)
+    out, (args, hs, per_group) = _forward(u, delta, A, B, C, h0, bs, interpret, True)
+    return out, (args, hs, per_group, B.shape, u.shape)
 
 
 def _core_bwd(bs, interpret, res, cot):
-    return jax.vjp(_recompute, *res)[1](cot)
+    args, hs, per_group, b_shape, (batch, length, dim) = res
+    dy, dlast = cot
+    u_p = args[0]
+    dy_p = pad_to(pad_to(dy, 1, u_p.shape[1]), 2, u_p.shape[2])
+    dlast_p = pad_to(jnp.swapaxes(dlast, 1, 2), 2, u_p.shape[2])
+    du, ddt, da, dh0, db, dc = scan_backward(*args[:5], hs, dy_p, dlast_p, bs, per_group,
+                                             interpret)
+    groups, n_state = b_shape[2], b_shape[3]
+    nblk = u_p.shape[2] // bs.block_d
+
+    def regroup(partial):  # [b, blocks, Lp, n] -> [b, l, g, n]: sum the blocks of a group
+        partial = partial.reshape(batch, groups, nblk // groups, -1, n_state).sum(2)
+        return jnp.moveaxis(partial, 1, 2)[:, :length]
+    return (du[:, :length, :dim], ddt[:, :length, :dim], da.sum(0).T[:dim], regroup(db),
+            regroup(dc), jnp.swapaxes(dh0, 1, 2)[:, :dim])
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -64,12 +64,12 @@ def _sequential(**kw):
 
 
 # (shape b, t, dim, n, groups; options): every option on with a length (12) that is not a
-# multiple of the chunk and a dim (96) padded to the block; none; grouped B/C over two blocks.
+# multiple of the chunk and a dim (96) padded to the block; no option, with grouped B/C over
+# two channel blocks. (Two batch rows: the bfloat16 test.)
 CASES = [
-    ((2, 12, 96, 4, None), dict(delta_softplus=True),
+    ((1, 12, 96, 4, None), dict(delta_softplus=True),
      ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")),
-    ((1, 8, 128, 8, None), dict(), ("u", "delta", "A", "B", "C")),
-    ((1, 8, 256, 4, 2), dict(delta_softplus=True), ("u", "delta", "A", "B", "C", "z")),
+    ((1, 8, 256, 4, 2), dict(), ("u", "delta", "A", "B", "C")),
 ]
 
 
@@ -85,8 +85,8 @@ def test_float32_values_state_and_grads_match_sequential(shape, opts, names):
         _close(g, w, 1e-4)
 
 
-def test_bfloat16_values_match_sequential_in_float32():
-    inp = _inputs(1, 12, 128, 4, dtype=jnp.bfloat16, seed=1)
+def test_bfloat16_two_rows_values_match_sequential_in_float32():
+    inp = _inputs(2, 8, 128, 4, dtype=jnp.bfloat16, seed=1)
     args = {k: inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z")}
     got = jax.jit(lambda: _kernel(**args, delta_softplus=True))()
     want = jc_selective_scan(**{k: v.astype(jnp.float32) for k, v in args.items()},
@@ -116,7 +116,7 @@ def test_lowers_for_h100_at_a_mamba_shape(dtype):
     act, vec = s((b, t, dim), dtype), s((dim,), jnp.float32)
     modules = mosaic_gpu_kernels(step, act, act, s((dim, n), jnp.float32), s((b, t, n), dtype),
                                  s((b, t, n), dtype), vec, act, vec)
-    assert len(modules) == 1 and modules[0] > 1000   # the forward scan (backward: XLA)
+    assert len(modules) == 2 and min(modules) > 1000   # forward (saving states), backward
 
 
 def _bad(**over):
