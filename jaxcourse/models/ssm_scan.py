@@ -20,8 +20,8 @@ gradients):
                    context 64, batch 12) took 384 ms with chunk 8 against 455 ms with an
                    associative scan inside the chunk and ~890 ms with "associative".
 
-"pallas" calls `pallas_kernels.selective_scan` (a Mosaic GPU kernel; its backward
-differentiates "chunked"). Off a GPU it runs in the Mosaic GPU interpreter: correct but slow.
+"pallas" calls `pallas_kernels.selective_scan` (Mosaic GPU forward and backward kernels).
+Off a GPU it runs in the Mosaic GPU interpreter: correct but slow.
 
 SSD (Dao & Gu 2024, "Transformers are SSMs", Listing 1) has one scalar decay per head, so a
 chunk is a masked matmul (the "diagonal blocks") and states pass between chunks:
