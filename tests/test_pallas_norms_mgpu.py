@@ -123,6 +123,19 @@ def test_too_wide_rows_fall_back(monkeypatch):
         assert _norm_rows_mgpu.choose("rms_norm", None, None, x, [w]) == (True, None)
 
 
+def test_explicit_mosaic_fallback_runs_triton(monkeypatch):
+    """End to end through the wrapper: a row over the (here shrunk) SMEM budget warns once and
+    gives the Triton path's values and gradients."""
+    monkeypatch.setattr(_norm_rows_mgpu, "SMEM_BYTES", 1024)
+    x, w, b, dy = _inputs((6, 64), jnp.float32)
+    with pytest.warns(UserWarning, match="layer_norm: impl='mosaic' does not support D=64"):
+        got = jax.jit(lambda *a: _value_and_grads(
+            lambda *a: pk.layer_norm(*a, impl="mosaic"), *a))(dy, x, w, b)
+    want = _value_and_grads(pk.layer_norm_reference, dy, x, w, b)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("over, match", [
     ({"impl": "cuda"}, "impl must be None, 'mosaic' or 'triton'"),
     ({"block_sizes": MosaicBlockSizes(block_rows=-1)}, "block_rows=-1 must be an int"),
