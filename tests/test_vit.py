@@ -110,8 +110,8 @@ def test_learned_positions_interpolate_and_are_unchanged_at_their_own_size():
 
 def test_a_model_runs_at_another_resolution(digits, base):
     params = init(TINY, base)
-    logits = apply(TINY)(params, jnp.ones((2, 16, 16, 1)))
-    chex.assert_shape(logits, (2, 10))
+    logits = apply(TINY)(params, jnp.ones((1, 12, 12, 1)))  # learned positions resized
+    chex.assert_shape(logits, (1, 10))
     chex.assert_tree_all_finite(logits)
     sincos = dataclasses.replace(TINY, pos="sincos", pool="gap", num_classes=0)
     p = init(sincos, base, vit.ViT)

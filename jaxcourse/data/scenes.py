@@ -13,7 +13,7 @@ scenes of seen pairs only.
 
 Captions are text; `tokenize_captions` turns them into padded id arrays with any project
 tokenizer (`caption_tokenizer()` is the default character one). A caption longer than the
-text context is an error (one line, `UserError`), never silently truncated: a cut caption
+text context is an error (one line, `ConfigError`: exit 2), never silently truncated: a cut caption
 could drop the very word ("circle") that a contrastive loss must see.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from jaxcourse.data.tokenizers import CharTokenizer, Tokenizer
-from jaxcourse.errors import UserError
+from jaxcourse.errors import ConfigError, UserError
 
 IMAGE_SIZE = 32
 COLOURS = ("red", "green", "blue", "yellow", "white")
@@ -217,7 +217,8 @@ def pad_id(tok: Tokenizer) -> int:
 def tokenize_captions(tok: Tokenizer, captions, context: int) -> tuple[np.ndarray, np.ndarray]:
     """Captions -> (ids [N, context] int32 padded with `pad_id(tok)`, valid [N, context] bool).
 
-    A caption of more than `context` tokens raises UserError naming it (no truncation)."""
+    A caption of more than `context` tokens raises ConfigError (exit 2) naming it: no
+    truncation."""
     if context < 1:
         raise UserError(f"text context must be >= 1, got {context}")
     pad = pad_id(tok)
@@ -226,7 +227,7 @@ def tokenize_captions(tok: Tokenizer, captions, context: int) -> tuple[np.ndarra
     for i, text in enumerate(captions):
         row = tok.encode(text)
         if len(row) > context:
-            raise UserError(f"caption {text!r} is {len(row)} tokens, longer than the text "
+            raise ConfigError(f"caption {text!r} is {len(row)} tokens, longer than the text "
                             f"context {context}; raise the context")
         ids[i, :len(row)] = row
         valid[i, :len(row)] = True

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcourse.errors import UserError
+from jaxcourse.errors import ConfigError
 from jaxcourse.models.layers import MLP, Norm, partitioned
 from jaxcourse.models.vit import PatchEmbed, check_patch
 
@@ -46,16 +46,16 @@ class SwinConfig:
         object.__setattr__(self, "depths", tuple(self.depths))
         object.__setattr__(self, "heads", tuple(self.heads))
         if len(self.depths) != len(self.heads) or not self.depths:
-            raise UserError(f"model.depths {self.depths} and model.heads {self.heads} need "
+            raise ConfigError(f"model.depths {self.depths} and model.heads {self.heads} need "
                             "one entry per stage")
         check_patch(self.image_size, self.image_size, self.patch_size)
         for i, (c, h) in enumerate(zip(self.stage_widths, self.heads)):
             if c % h:
-                raise UserError(f"stage {i + 1}: width {c} is not divisible by {h} heads")
+                raise ConfigError(f"stage {i + 1}: width {c} is not divisible by {h} heads")
         for i, g in enumerate(self.stage_grids):
             check_window(g, g, self.window, f"stage {i + 1}")
             if i + 1 < len(self.depths) and g % 2:
-                raise UserError(f"stage {i + 1}: a {g}x{g} grid cannot be merged 2x2")
+                raise ConfigError(f"stage {i + 1}: a {g}x{g} grid cannot be merged 2x2")
 
     @property
     def stage_grids(self) -> tuple[int, ...]:
@@ -68,13 +68,13 @@ class SwinConfig:
 
 
 def check_window(h: int, w: int, window: int, where: str = "") -> None:
-    """One line when windows of `window` tokens do not tile an h x w patch grid (a grid no
-    larger than the window is one window)."""
+    """One line (ConfigError: exit 2) when windows of `window` tokens do not tile an h x w
+    patch grid (a grid no larger than the window is one window)."""
     if window < 1:
-        raise UserError(f"window size must be >= 1, got {window}")
+        raise ConfigError(f"window size must be >= 1, got {window}")
     if (h > window or w > window) and (h % window or w % window):
         at = f" ({where})" if where else ""
-        raise UserError(f"window size {window} does not divide the patch grid {h}x{w}{at}")
+        raise ConfigError(f"window size {window} does not divide the patch grid {h}x{w}{at}")
 
 
 def effective_window(h: int, w: int, window: int, shifted: bool) -> tuple[int, int]:

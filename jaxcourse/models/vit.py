@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcourse.errors import UserError
+from jaxcourse.errors import ConfigError
 from jaxcourse.models.encoder_decoder import Encoder
 from jaxcourse.models.layers import NORMS, partitioned
 from jaxcourse.models.transformer import GPTConfig
@@ -61,16 +61,16 @@ class ViTConfig:
                                      ("pool", self.pool, POOLS), ("pos", self.pos, POSITIONS),
                                      ("norm", self.norm, NORMS)):
             if value not in choices:
-                raise UserError(f"model.{name}={value!r} is not one of {', '.join(choices)}")
+                raise ConfigError(f"model.{name}={value!r} is not one of {', '.join(choices)}")
         for name in ("image_size", "channels", "patch_size"):
             if getattr(self, name) < 1:
-                raise UserError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         check_patch(self.image_size, self.image_size, self.patch_size)
         if self.pos == "sincos" and self.d_model % 4:
-            raise UserError(f"model.pos='sincos' needs d_model divisible by 4, got "
+            raise ConfigError(f"model.pos='sincos' needs d_model divisible by 4, got "
                             f"{self.d_model}")
         if self.num_classes < 0:
-            raise UserError(f"model.num_classes must be >= 0, got {self.num_classes}")
+            raise ConfigError(f"model.num_classes must be >= 0, got {self.num_classes}")
         self.blocks(self.n_tokens)  # the block settings are checked by GPTConfig
 
     @property
@@ -96,9 +96,9 @@ class ViTConfig:
 
 
 def check_patch(h: int, w: int, p: int) -> None:
-    """One line when patches of p pixels do not tile an h x w image."""
+    """One line (ConfigError: exit 2) when patches of p pixels do not tile an h x w image."""
     if h % p or w % p:
-        raise UserError(f"patch size {p} does not divide the image size {h}x{w}")
+        raise ConfigError(f"patch size {p} does not divide the image size {h}x{w}")
 
 
 def patchify(images_BxHxWxC, p: int):
@@ -208,7 +208,7 @@ class ViTClassifier(nn.Module):
     @nn.compact
     def __call__(self, images_BxHxWxC, train: bool = False):
         if self.cfg.num_classes < 1:
-            raise UserError("ViTClassifier needs model.num_classes >= 1")
+            raise ConfigError("ViTClassifier needs model.num_classes >= 1")
         pooled = ViT(self.cfg, name="vit")(images_BxHxWxC, train=train)["pooled"]
         return nn.Dense(self.cfg.num_classes, name="head", kernel_init=partitioned(
             nn.initializers.zeros, ("embed", None)))(pooled)
@@ -221,7 +221,7 @@ def vit_config(section, **overrides) -> ViTConfig:
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = set(values) - fields
     if unknown:
-        raise UserError(f"unknown ViT model keys: {', '.join(sorted(unknown))}; known: "
+        raise ConfigError(f"unknown ViT model keys: {', '.join(sorted(unknown))}; known: "
                         f"{', '.join(sorted(fields))}")
     return ViTConfig(**values)
 
