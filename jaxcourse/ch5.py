@@ -39,13 +39,12 @@ def vit_model_config(cfg, data):
 
 
 def cnn_run(cfg):
-    """The run config and model of the CNN: cfg.cnn's model and optimizer settings."""
+    """The CNN's run config: cfg with cfg.cnn's model and optimizer settings."""
     c = cfg.cnn
-    run_cfg = config.derive(cfg, {"model": c.model, "optimizer.lr": c.lr,
-                                  "optimizer.schedule": c.schedule,
-                                  "optimizer.weight_decay": c.weight_decay,
-                                  "train.steps_per_call": c.steps_per_call})
-    return run_cfg
+    return config.derive(cfg, {"model": c.model, "optimizer.lr": c.lr,
+                               "optimizer.schedule": c.schedule,
+                               "optimizer.weight_decay": c.weight_decay,
+                               "train.steps_per_call": c.steps_per_call})
 
 
 def fit_model(name: str, cfg, workdir: pathlib.Path, data) -> tuple:
