@@ -18,25 +18,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcourse import cli  # noqa: E402
-from jaxcourse.data import pipeline, sources  # noqa: E402
 from jaxcourse.figures import save_figure  # noqa: E402
 from jaxcourse.models.classifier import ClassifierConfig, build_classifier  # noqa: E402
 from jaxcourse.models import batchnorm  # noqa: E402
-from jaxcourse.train import evaluate, train  # noqa: E402
-from jaxcourse.train.loop import make_eval_fn  # noqa: E402
-from jaxcourse.vision.task import Regularization, classification_task  # noqa: E402
+from jaxcourse.vision import task as task_lib  # noqa: E402
 
 
 def splits(cfg) -> dict[str, dict[str, np.ndarray]]:
     """train / val (held out of train, for eval and early stopping) / test."""
-    data = sources.load_images(cfg.data)
-    n_val = int(len(data["x_train"]) * cfg.val_fraction)
-    x, y = data["x_train"], data["y_train"]
-    return {
-        "train": {"image": x[n_val:], "label": y[n_val:]},
-        "val": {"image": x[:n_val], "label": y[:n_val]},
-        "test": {"image": data["x_test"], "label": data["y_test"]},
-    }
+    return task_lib.splits(cfg)
 
 
 def fit(cfg, workdir: pathlib.Path, data: dict) -> dict:
@@ -44,15 +34,7 @@ def fit(cfg, workdir: pathlib.Path, data: dict) -> dict:
     num_classes = int(data["train"]["label"].max()) + 1
     model_cfg = ClassifierConfig(**cfg.model.to_dict(), num_classes=num_classes)
     model_cfg = dataclasses.replace(model_cfg, stages=tuple(model_cfg.stages))
-    task = classification_task(build_classifier(model_cfg), Regularization(**cfg.reg.to_dict()),
-                               num_classes)
-    train_data = pipeline.batches(data["train"], cfg.train.batch_size, cfg.train.seed)
-    val = pipeline.eval_batches(data["val"], cfg.eval_batch_size)
-    state, metrics = train(task, cfg, workdir, train_data, val)
-    test = evaluate(make_eval_fn(task, cfg.train.seed), state.params, state.model_state,
-                    pipeline.eval_batches(data["test"], cfg.eval_batch_size))
-    return {**metrics, "val_accuracy": metrics["eval/accuracy"],
-            "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+    return task_lib.fit(build_classifier(model_cfg), cfg, workdir, data, num_classes)[1]
 
 
 def batchnorm_check(seed: int = 0) -> float:

@@ -1,8 +1,9 @@
 """Pallas GPU kernels, each beside its plain-jnp reference (the oracle and the fallback).
 
-All run in interpret mode on CPU. On a GPU, the norms compile through Pallas' Triton lowering;
-the grouped matmul and the selective scan target Mosaic GPU, and flash attention Mosaic GPU on Hopper or newer (Triton
-elsewhere and as its fallback).
+All run in interpret mode on CPU. On a GPU, the grouped matmul and the selective scan target
+Mosaic GPU; flash attention, rms_norm and layer_norm take `impl=None|"mosaic"|"triton"` and
+default to Mosaic GPU on Hopper or newer (`_common.default_impl`), to Pallas' Triton lowering
+elsewhere, which is also their fallback for cases the Mosaic kernels cannot take.
 See pallas_kernels/README.md for the algorithms, block sizes and status.
 """
 from pallas_kernels._common import KernelInputError

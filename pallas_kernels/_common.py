@@ -32,6 +32,16 @@ def resolve_interpret(interpret):
     return bool(interpret)
 
 
+def default_impl():
+    """The `impl=None` rule of every kernel with a Mosaic GPU and a Triton path: "mosaic" when
+    the default backend is a GPU of compute capability >= 9.0 (Hopper or newer), else "triton"
+    (which also keeps CPU tests on the fast pallas_call interpreter)."""
+    if jax.default_backend() != "gpu":
+        return "triton"
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return "mosaic" if capability is not None and float(capability) >= 9.0 else "triton"
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -147,14 +147,6 @@ def _clamp_blocks(blocks, seq_q, seq_k):
         block_q_dq=t(blocks.block_q_dq, seq_q), block_k_dq=t(blocks.block_k_dq, seq_k))
 
 
-def _default_impl():
-    """"mosaic" when the default backend is a GPU of compute capability >= 9.0, else "triton"."""
-    if jax.default_backend() != "gpu":
-        return "triton"
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    return "mosaic" if capability is not None and float(capability) >= 9.0 else "triton"
-
-
 def _ptxas_miscompiles_masks():
     """jax's own Mosaic GPU attention reports a ptxas miscompilation of causal masking on CUDA
     runtimes 12.8.0 up to (not including) 12.9.1. cuda_versions is None without CUDA (CPU)."""
@@ -228,7 +220,7 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=None, segmen
     check_inputs(q, k, v)
     chosen = impl is not None
     if impl is None:   # triton BlockSizes keep a tuned caller on the path they were tuned for
-        impl = "triton" if isinstance(block_sizes, BlockSizes) else _default_impl()
+        impl = "triton" if isinstance(block_sizes, BlockSizes) else _common.default_impl()
     if impl == "mosaic":
         # The default choice moves a case mosaic cannot take (float32 models on a Hopper)
         # to Triton silently; only an explicit impl="mosaic" warns that it did.

@@ -38,6 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._common import KernelInputError, pad_to, round_up
 from pallas_kernels._flash_blocks import LOG2_E, MASK_VALUE, _block_range
+from pallas_kernels._mgpu import transforms
 
 HW_TILE = 64             # wgmma's warpgroup tile: 64 rows; 64 16-bit columns = a 128 B swizzle
 CONSUMERS = 2            # consumer warpgroups per forward CTA (FA3 Section 3.1)
@@ -103,13 +104,6 @@ class MosaicSpec:
 
 
 # ----------------------------------------------------------------------------- in-kernel helpers
-def transforms(minor: int, dtype):
-    """SMEM layout of a wgmma / TMA tile: (8, swizzle) tiles, swizzled by the widest that fits."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def keep_mask(spec, row0, col0, shape, transposed=False, seg_rows=None, seg_cols=None):
     """Boolean `shape` of kept (query, key) pairs in the wgmma layout; None if nothing is masked.
 

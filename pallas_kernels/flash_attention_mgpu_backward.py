@@ -19,18 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._flash_blocks import LOG2_E, _block_range
-from pallas_kernels.flash_attention_mgpu import keep_mask, matmul, rows, transforms
-
-
-def _store(value, out_tile):
-    """Registers -> swizzled SMEM -> TMA store of one whole output tile."""
-    @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM(
-        value.shape, out_tile.dtype, transforms=transforms(value.shape[1], out_tile.dtype)))
-    def _(out_smem):
-        out_smem[...] = value.astype(out_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_tile)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+from pallas_kernels._mgpu import store_tile, transforms
+from pallas_kernels.flash_attention_mgpu import keep_mask, matmul, rows
 
 
 def _kv_head(h, spec):
@@ -117,8 +107,8 @@ def _dkv_kernel(*refs, spec):
         plgpu.SMEM((bkv, bq), dtype, transforms=transforms(bq, dtype)),
         plgpu.SMEM((bkv,), jnp.int32) if spec.segments else None,
         plgpu.Barrier(num_barriers=2 + spec.segments))
-    _store(dk * spec.sm_scale, dk_ref.at[b, pl.ds(k0, bkv), h])
-    _store(dv, dv_ref.at[b, pl.ds(k0, bkv), h])
+    store_tile(dk * spec.sm_scale, dk_ref.at[b, pl.ds(k0, bkv), h])
+    store_tile(dv, dv_ref.at[b, pl.ds(k0, bkv), h])
 
 
 # ----------------------------------------------------------------------------- dQ
@@ -183,7 +173,7 @@ def _dq_kernel(*refs, spec):
         plgpu.SMEM((bq, bkv), dtype, transforms=transforms(bkv, dtype)),
         plgpu.SMEM((bq,), jnp.int32) if spec.segments else None,
         plgpu.Barrier(num_barriers=4 + spec.segments))
-    _store(dq * spec.sm_scale, dq_ref.at[b, pl.ds(q0, bq), h])
+    store_tile(dq * spec.sm_scale, dq_ref.at[b, pl.ds(q0, bq), h])
 
 
 # ----------------------------------------------------------------------------- entry

@@ -129,9 +129,9 @@ def standard_configs():
     for d in (1000, 4096, 8192):
         x, p = s((8, 512, d), jnp.bfloat16), s((d,), jnp.bfloat16)
         configs[f"rms_bf16_d{d}"] = (_grads(
-            lambda x, w: pk.rms_norm(x, w, interpret=False), 2), (x, p))
+            lambda x, w: pk.rms_norm(x, w, impl="triton", interpret=False), 2), (x, p))
         configs[f"ln_bf16_d{d}"] = (_grads(
-            lambda x, w, b: pk.layer_norm(x, w, b, interpret=False), 3), (x, p, p))
+            lambda x, w, b: pk.layer_norm(x, w, b, impl="triton", interpret=False), 3), (x, p, p))
     return configs
 
 

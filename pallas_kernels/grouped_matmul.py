@@ -36,6 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._common import (KernelInputError, check_float, pad_to, resolve_interpret,
                                     round_up)
+from pallas_kernels._mgpu import store_tile, transforms
 
 # wgmma works on 64-row warpgroup tiles and at most 256 columns. Every block is a wgmma row
 # count somewhere (block_k is drhs's, block_n dlhs's), hence multiples of 64 throughout; 64
@@ -70,29 +71,11 @@ def default_block_sizes(dtype) -> BlockSizes:
     return BlockSizes(num_stages=2 if jnp.dtype(dtype).itemsize == 4 else 4)
 
 
-def _transforms(minor: int, dtype):
-    """SMEM layout wgmma reads: (8, swizzle) tiles, swizzled by the widest that divides."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _rows_mask(first_row, shape, lo, hi, dim=0):
     """float32 1.0 where first_row + iota(dim) is in [lo, hi), in the wgmma register layout."""
     rows = first_row + plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim),
                                          plgpu.Layout.WGMMA)
     return ((rows >= lo) & (rows < hi)).astype(jnp.float32)
-
-
-def _store(value, o_gmem_tile):
-    """Registers -> swizzled SMEM -> TMA store of one whole output tile."""
-    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(
-        value.shape, o_gmem_tile.dtype, transforms=_transforms(value.shape[1], o_gmem_tile.dtype)))
-    def _(o_smem):
-        o_smem[...] = value.astype(o_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem_tile)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _params():
@@ -104,9 +87,9 @@ def _operand_spec(k_major: bool, block_k: int, block_n: int, index_map, dtype):
     """BlockSpec of wgmma's second operand, [K, N] or, k_major, stored [N, K]."""
     if k_major:
         return plgpu.BlockSpec((block_n, block_k), lambda i: index_map(i)[::-1],
-                               transforms=_transforms(block_k, dtype), delay_release=1)
+                               transforms=transforms(block_k, dtype), delay_release=1)
     return plgpu.BlockSpec((block_k, block_n), index_map,
-                           transforms=_transforms(block_n, dtype), delay_release=1)
+                           transforms=transforms(block_n, dtype), delay_release=1)
 
 
 def _gmm(lhs, rhs, tiles, bs: BlockSizes, interpret, k_major: bool):
@@ -114,7 +97,7 @@ def _gmm(lhs, rhs, tiles, bs: BlockSizes, interpret, k_major: bool):
     m, k = lhs.shape
     n = rhs.shape[1 if k_major else 2]
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
-    lhs_t = _transforms(bk, lhs.dtype)
+    lhs_t = transforms(bk, lhs.dtype)
 
     def body(group_ref, starts_ref, ends_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref):
         ni, mi = lax.axis_index("n"), lax.axis_index("m")
@@ -138,7 +121,7 @@ def _gmm(lhs, rhs, tiles, bs: BlockSizes, interpret, k_major: bool):
 
         zero = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
         total = lax.fori_loop(first_ref[mi], last_ref[mi] + 1, one_group, zero)
-        _store(total, out_ref.at[pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
+        store_tile(total, out_ref.at[pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
 
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype),
                           grid=(n // bn, m // bm), grid_names=("n", "m"),
@@ -154,7 +137,7 @@ def _tgmm(lhs_t, grad, starts, ends, bs: BlockSizes, interpret, k_major: bool):
     """
     k, n, g_count = lhs_t.shape[0], grad.shape[0 if k_major else 1], starts.shape[0]
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
-    lhs_tr = _transforms(bm, lhs_t.dtype)
+    lhs_tr = transforms(bm, lhs_t.dtype)
 
     def body(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref):
         ni, ki, g = lax.axis_index("n"), lax.axis_index("k"), lax.axis_index("g")
@@ -185,7 +168,7 @@ def _tgmm(lhs_t, grad, starts, ends, bs: BlockSizes, interpret, k_major: bool):
             return acc_ref[...]
 
         acc = pl.run_scoped(matmul, plgpu.ACC((bk, bn)))
-        _store(acc, out_ref.at[g, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)])
+        store_tile(acc, out_ref.at[g, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)])
 
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((g_count, k, n), lhs_t.dtype),
                           grid=(n // bn, k // bk, g_count), grid_names=("n", "k", "g"),

@@ -8,6 +8,10 @@ Backward, with r = 1/std, x_hat = (x - mean) * r, g = dy * weight:
     dx = r * (g - mean(g) - x_hat * mean(g * x_hat))
     dweight = sum over rows of dy * x_hat          dbias = sum over rows of dy
 The parameter gradients are summed per row block in the kernel and across blocks by XLA.
+
+`impl` picks the kernels: "mosaic" (Mosaic GPU, `_norm_rows_mgpu.py`; the default on Hopper or
+newer) or "triton" (this file's pallas_call kernels on the Triton lowering: the default
+elsewhere, and the fallback for what Mosaic cannot take).
 """
 import functools
 
@@ -15,10 +19,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _norm_rows
+from pallas_kernels import _common, _norm_rows, _norm_rows_mgpu
 
 # ----------------------------------------------------------------------------- block sizes
 BlockSizes = _norm_rows.BlockSizes
+MosaicBlockSizes = _norm_rows_mgpu.MosaicBlockSizes
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -85,15 +90,43 @@ def _layer_norm_bwd(spec, res, dy):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer_norm_mosaic(spec, x, w, b):
+    return _norm_rows_mgpu.forward(spec, x, w, b)
+
+
+def _layer_norm_mosaic_fwd(spec, x, w, b):
+    return _norm_rows_mgpu.forward(spec, x, w, b), (x, w, b)
+
+
+def _layer_norm_mosaic_bwd(spec, res, dy):
+    x, w, b = res
+    dx, dw_blocks, db_blocks = _norm_rows_mgpu.backward(spec, x, w, dy.astype(x.dtype))
+    return dx, _norm_rows_mgpu.param_grad(dw_blocks, w), _norm_rows_mgpu.param_grad(db_blocks, b)
+
+
+_layer_norm_mosaic.defvjp(_layer_norm_mosaic_fwd, _layer_norm_mosaic_bwd)
+
+
 # ----------------------------------------------------------------------------- public wrapper
-def layer_norm(x, weight, bias, eps=1e-6, *, interpret=None, block_sizes=None):
+def layer_norm(x, weight, bias, eps=1e-6, *, impl=None, interpret=None, block_sizes=None):
     """LayerNorm over the last axis of x [..., D] with weight, bias [D]; x's dtype out.
 
-    interpret: None -> interpret mode off GPU, compiled (Triton lowering) on GPU.
+    impl: "mosaic", "triton" or None (mosaic on compute capability >= 9.0 unless block_sizes is
+    a Triton BlockSizes, else triton). A D the Mosaic kernels cannot hold in shared memory runs
+    on the Triton path, with one warning only for an explicit impl="mosaic".
+    interpret: None -> interpret mode off GPU (Mosaic GPU's or Pallas' interpreter), compiled on
+    GPU. block_sizes: MosaicBlockSizes (mosaic) or BlockSizes (triton); None: defaults.
     """
     _norm_rows.check_args(x, {"weight": weight, "bias": bias})
+    mosaic, block_sizes = _norm_rows_mgpu.choose("layer_norm", impl, block_sizes, x,
+                                                 [weight, bias])
     if x.size == 0:
         return layer_norm_reference(x, weight, bias, eps)
+    if mosaic:
+        x3, (w, b), spec = _norm_rows_mgpu.prepare(
+            x, [weight, bias], block_sizes, eps, True, _common.resolve_interpret(interpret))
+        return _norm_rows_mgpu.unpad(_layer_norm_mosaic(spec, x3, w, b), x)
     x2, (w, b), spec = _norm_rows.prepare(x, [weight, bias], block_sizes, eps, interpret)
     return _norm_rows.unpad(_layer_norm(spec, x2, w, b), x)
 

@@ -8,6 +8,10 @@ Backward, with r = 1/rms, x_hat = x * r, g = dy * weight and D features:
     dx = r * (g - x_hat * mean(g * x_hat))        dweight = sum over rows of dy * x_hat
 dweight is summed per row block inside the kernel and across blocks by XLA (a [blocks, D]
 array), so no atomics are needed.
+
+`impl` picks the kernels: "mosaic" (Mosaic GPU, `_norm_rows_mgpu.py`; the default on Hopper or
+newer) or "triton" (this file's pallas_call kernels on the Triton lowering: the default
+elsewhere, and the fallback for what Mosaic cannot take).
 """
 import functools
 
@@ -15,10 +19,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _norm_rows
+from pallas_kernels import _common, _norm_rows, _norm_rows_mgpu
 
 # ----------------------------------------------------------------------------- block sizes
 BlockSizes = _norm_rows.BlockSizes
+MosaicBlockSizes = _norm_rows_mgpu.MosaicBlockSizes
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -67,15 +72,42 @@ def _rms_norm_bwd(spec, res, dy):
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rms_norm_mosaic(spec, x, w):
+    return _norm_rows_mgpu.forward(spec, x, w)
+
+
+def _rms_norm_mosaic_fwd(spec, x, w):
+    return _norm_rows_mgpu.forward(spec, x, w), (x, w)
+
+
+def _rms_norm_mosaic_bwd(spec, res, dy):
+    x, w = res
+    dx, dw_blocks = _norm_rows_mgpu.backward(spec, x, w, dy.astype(x.dtype))
+    return dx, _norm_rows_mgpu.param_grad(dw_blocks, w)
+
+
+_rms_norm_mosaic.defvjp(_rms_norm_mosaic_fwd, _rms_norm_mosaic_bwd)
+
+
 # ----------------------------------------------------------------------------- public wrapper
-def rms_norm(x, weight, eps=1e-6, *, interpret=None, block_sizes=None):
+def rms_norm(x, weight, eps=1e-6, *, impl=None, interpret=None, block_sizes=None):
     """RMSNorm over the last axis of x [..., D] with weight [D]; output has x's dtype.
 
-    interpret: None -> interpret mode off GPU, compiled (Triton lowering) on GPU.
+    impl: "mosaic", "triton" or None (mosaic on compute capability >= 9.0 unless block_sizes is
+    a Triton BlockSizes, else triton). A D the Mosaic kernels cannot hold in shared memory runs
+    on the Triton path, with one warning only for an explicit impl="mosaic".
+    interpret: None -> interpret mode off GPU (Mosaic GPU's or Pallas' interpreter), compiled on
+    GPU. block_sizes: MosaicBlockSizes (mosaic) or BlockSizes (triton); None: defaults.
     """
     _norm_rows.check_args(x, {"weight": weight})
+    mosaic, block_sizes = _norm_rows_mgpu.choose("rms_norm", impl, block_sizes, x, [weight])
     if x.size == 0:
         return rms_norm_reference(x, weight, eps)
+    if mosaic:
+        x3, (w,), spec = _norm_rows_mgpu.prepare(
+            x, [weight], block_sizes, eps, False, _common.resolve_interpret(interpret))
+        return _norm_rows_mgpu.unpad(_rms_norm_mosaic(spec, x3, w), x)
     x2, (w,), spec = _norm_rows.prepare(x, [weight], block_sizes, eps, interpret)
     return _norm_rows.unpad(_rms_norm(spec, x2, w), x)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels import _common
 from pallas_kernels.flash_attention import BlockSizes
 from pallas_kernels.flash_attention_mgpu import (SMEM_BYTES, MosaicBlockSizes,
                                                  default_block_sizes, forward_smem_bytes)
@@ -116,7 +117,7 @@ def test_default_blocks_fit_hopper_shared_memory(dim):
 
 
 def test_default_impl_off_gpu_is_triton():
-    assert fa._default_impl() == "triton"
+    assert _common.default_impl() == "triton"
     assert not fa._ptxas_miscompiles_masks()       # cuda_versions is None on CPU
 
 
@@ -135,7 +136,7 @@ def test_float32_warns_once_and_runs_triton():
 def test_default_choice_moves_float32_to_triton_silently(monkeypatch):
     """impl=None on a Hopper picks mosaic; a float32 model then runs Triton without a warning
     on every trace (only an explicit impl="mosaic" warns)."""
-    monkeypatch.setattr(fa, "_default_impl", lambda: "mosaic")
+    monkeypatch.setattr(_common, "default_impl", lambda: "mosaic")
     q, k, v, _ = _inputs(1, 20, 20, 2, 1, 16, jnp.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -51,8 +51,9 @@ def test_attention_lowers_to_verified_triton(dtype, shape, kw):
 @pytest.mark.parametrize("features", [100, 4096])
 def test_norms_lower_to_verified_triton(features):
     x, p = S((4, 33, features), jnp.bfloat16), S((features,), jnp.bfloat16)
-    rms = _lower(_grads(lambda x, w: pk.rms_norm(x, w, interpret=False), 2), x, p)
-    ln = _lower(_grads(lambda x, w, b: pk.layer_norm(x, w, b, interpret=False), 3), x, p, p)
+    rms = _lower(_grads(lambda x, w: pk.rms_norm(x, w, impl="triton", interpret=False), 2), x, p)
+    ln = _lower(_grads(lambda x, w, b: pk.layer_norm(x, w, b, impl="triton", interpret=False),
+                       3), x, p, p)
     assert [k.name for k in rms + ln] == [
         "rms_norm_fwd", "rms_norm_bwd", "layer_norm_fwd", "layer_norm_bwd"]
     assert all(k.verified for k in rms + ln)

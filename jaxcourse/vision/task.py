@@ -1,12 +1,17 @@
-"""The image-classification task for the shared loop, with chapter 2's regularizers."""
+"""The image-classification task for the shared loop, with chapter 2's regularizers, and the
+train / val / test splits and one fit of it that chapters 2 and 5 share."""
 import dataclasses
+import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxcourse.train import Task
+from jaxcourse.data import pipeline, sources
+from jaxcourse.train import Task, evaluate, train
+from jaxcourse.train.step import make_eval_fn
 from jaxcourse.vision import augment
 
 
@@ -63,3 +68,29 @@ def classification_task(model: nn.Module, reg: Regularization, num_classes: int)
         return loss, ({"accuracy": accuracy}, new_state)
 
     return Task(init=init, loss=loss)
+
+
+def splits(cfg) -> dict[str, dict[str, np.ndarray]]:
+    """train / val (held out of train, for eval and early stopping) / test of cfg.data;
+    cfg.val_fraction of the training images are the val split."""
+    data = sources.load_images(cfg.data)
+    n_val = int(len(data["x_train"]) * cfg.val_fraction)
+    x, y = data["x_train"], data["y_train"]
+    return {
+        "train": {"image": x[n_val:], "label": y[n_val:]},
+        "val": {"image": x[:n_val], "label": y[:n_val]},
+        "test": {"image": data["x_test"], "label": data["y_test"]},
+    }
+
+
+def fit(model: nn.Module, cfg, workdir: pathlib.Path, data: dict, num_classes: int):
+    """Trains `model` with the shared loop (regularizers from cfg.reg) on data["train"],
+    evaluating on data["val"]; returns (state, metrics with val/test accuracy)."""
+    task = classification_task(model, Regularization(**cfg.reg.to_dict()), num_classes)
+    train_data = pipeline.batches(data["train"], cfg.train.batch_size, cfg.train.seed)
+    val = pipeline.eval_batches(data["val"], cfg.eval_batch_size)
+    state, metrics = train(task, cfg, workdir, train_data, val)
+    test = evaluate(make_eval_fn(task, cfg.train.seed), state.params, state.model_state,
+                    pipeline.eval_batches(data["test"], cfg.eval_batch_size))
+    return state, {**metrics, "val_accuracy": metrics["eval/accuracy"],
+                   "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
