@@ -1,0 +1,115 @@
+"""Speculative decoding: greedy equals the target's greedy output, sampled tokens follow the
+target's distribution, acceptance accounting, the rejection rule alone."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcourse.errors import UserError
+from jaxcourse.models import decode
+from jaxcourse.models.transformer import GPT, GPTConfig
+from jaxcourse.serve.sampling import token_probs
+from jaxcourse.serve.speculative import _speculative, accept_draft, speculative_generate
+
+V = 6
+TARGET = GPT(GPTConfig(vocab_size=V, context=16, n_layer=2, n_head=2, d_model=16))
+DRAFT = GPT(GPTConfig(vocab_size=V, context=16, n_layer=1, n_head=2, d_model=8))
+PROMPT = jnp.asarray([1, 4, 2], jnp.int32)
+
+
+def _init(model, seed):
+    """Random parameters times 3: sharp enough that greedy continuations vary (at init they
+    are all token 0) and that draft and target disagree."""
+    p = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))["params"])
+    return jax.tree.map(lambda a: 3 * a, p)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _init(TARGET, 0), _init(DRAFT, 1)
+
+
+def _tv(a, b):
+    return 0.5 * float(np.abs(np.asarray(a) - np.asarray(b)).sum())
+
+
+def test_greedy_equals_target_greedy_and_accounting_adds_up(params):
+    tp, dp = params
+    n, gamma = 10, 3
+    want = decode.generate(TARGET, tp, PROMPT[None], None, max_new_tokens=n, temperature=0.0)
+    got, stats = speculative_generate(TARGET, tp, DRAFT, dp, PROMPT, None, max_new_tokens=n,
+                                      gamma=gamma, temperature=0.0)
+    assert got.tolist() == want[0].tolist() and len(set(got.tolist())) > 2
+    # Token 0 from the prefill, then each round: its accepted drafts + one token.
+    emitted = 1 + int(stats["accepted"]) + int(stats["rounds"])
+    assert n <= emitted <= n + gamma and int(stats["drafted"]) == gamma * int(stats["rounds"])
+    # The target as its own draft: every draft token is accepted, gamma + 1 per round.
+    same, stats = speculative_generate(TARGET, tp, TARGET, tp, PROMPT, None, max_new_tokens=n,
+                                       gamma=gamma, temperature=0.0)
+    assert same.tolist() == want[0].tolist()
+    assert int(stats["accepted"]) == int(stats["drafted"])
+    assert int(stats["rounds"]) == math.ceil((n - 1) / (gamma + 1))
+
+
+def test_accept_draft_first_token_follows_the_target():
+    """Leviathan et al. theorem 3.5 on synthetic distributions: 20k rounds; the first token
+    out of a round is distributed as p[0] (TV < 0.025; ~0.007 expected from sampling noise),
+    while the draft's own q[0] is far from it (TV > 0.2), so the check has power."""
+    ks = jax.random.split(jax.random.key(3), 4)
+    p = jax.nn.softmax(2.0 * jax.random.normal(ks[0], (3, 5)), axis=-1)
+    q = jax.nn.softmax(2.0 * jax.random.normal(ks[1], (2, 5)), axis=-1)
+
+    def one(key):
+        k_draft, k_rule = jax.random.split(key)
+        drafts = jax.random.categorical(k_draft, jnp.log(q)).astype(jnp.int32)
+        tokens, n = accept_draft(p, q, drafts, k_rule)
+        return tokens[0], n
+
+    first, n = jax.jit(jax.vmap(one))(jax.random.split(ks[2], 20_000))
+    hist = np.bincount(np.asarray(first), minlength=5) / first.shape[0]
+    assert _tv(hist, p[0]) < 0.025 and _tv(q[0], p[0]) > 0.2
+    # Acceptance of the first draft token: sum_x min(p, q) (Leviathan et al. eq. 1).
+    assert abs(float(jnp.mean(n >= 1)) - float(jnp.minimum(p[0], q[0]).sum())) < 0.02
+
+
+def test_sampled_tokens_follow_the_target_distribution(params):
+    """4000 seeds, temperature 0.7 and top-k 4, gamma 2: the
+    marginals of generated tokens 1 and 2 against the exact target marginals over all V^2
+    continuations. Tolerance TV < 0.05 (sampling noise ~0.015); the draft's own marginal of
+    token 1 is further than 0.1 from the target's."""
+    tp, dp = params
+    sampling = (0.7, 4, 1.0)
+    run = jax.jit(jax.vmap(lambda k: _speculative(TARGET, DRAFT, 3, 2, sampling, tp, dp,
+                                                  PROMPT, k)[0]))
+    tokens = np.asarray(run(jax.random.split(jax.random.key(0), 4000)))
+
+    def exact(model, prm):  # P(token 1), P(token 2) of plain sampling from `model`
+        t1, t2 = np.meshgrid(np.arange(V), np.arange(V), indexing="ij")
+        seqs = np.concatenate([np.tile(PROMPT, (V * V, 1)), t1.reshape(-1, 1),
+                               t2.reshape(-1, 1)], axis=1)
+        logits = model.apply({"params": prm}, jnp.asarray(seqs))
+        pr = jax.vmap(jax.vmap(lambda lg: token_probs(lg, *sampling)))(logits)
+        p0 = pr[0, 2]                                  # token 0 after the prompt
+        p1 = pr[::V, 3]                                # [t0, t1]: token 1 given token 0
+        p2 = pr[:, 4].reshape(V, V, V)                 # [t0, t1, t2]
+        joint01 = p0[:, None] * p1
+        return joint01.sum(0), (joint01[..., None] * p2).sum((0, 1))
+
+    m1, m2 = exact(TARGET, tp)
+    for i, m in ((1, m1), (2, m2)):
+        hist = np.bincount(tokens[:, i], minlength=V) / tokens.shape[0]
+        assert _tv(hist, m) < 0.05, (i, hist, m)
+    assert _tv(exact(DRAFT, dp)[0], m1) > 0.1
+
+
+def test_bad_arguments_are_user_errors(params):
+    tp, dp = params
+    with pytest.raises(UserError, match="gamma"):
+        speculative_generate(TARGET, tp, DRAFT, dp, PROMPT, None, max_new_tokens=4, gamma=0,
+                             temperature=0.0)
+    with pytest.raises(UserError, match="context"):
+        speculative_generate(TARGET, tp, DRAFT, dp, PROMPT, None, max_new_tokens=12, gamma=4,
+                             temperature=0.0)
