@@ -1,7 +1,5 @@
 """Speculative decoding: greedy equals the target's greedy output, sampled tokens follow the
 target's distribution, acceptance accounting, the rejection rule alone."""
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,7 +21,8 @@ PROMPT = jnp.asarray([1, 4, 2], jnp.int32)
 def _init(model, seed):
     """Random parameters times 3: sharp enough that greedy continuations vary (at init they
     are all token 0) and that draft and target disagree."""
-    p = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))["params"])
+    p = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+    p = nn.meta.unbox(p)
     return jax.tree.map(lambda a: 3 * a, p)
 
 
@@ -46,12 +45,6 @@ def test_greedy_equals_target_greedy_and_accounting_adds_up(params):
     # Token 0 from the prefill, then each round: its accepted drafts + one token.
     emitted = 1 + int(stats["accepted"]) + int(stats["rounds"])
     assert n <= emitted <= n + gamma and int(stats["drafted"]) == gamma * int(stats["rounds"])
-    # The target as its own draft: every draft token is accepted, gamma + 1 per round.
-    same, stats = speculative_generate(TARGET, tp, TARGET, tp, PROMPT, None, max_new_tokens=n,
-                                       gamma=gamma, temperature=0.0)
-    assert same.tolist() == want[0].tolist()
-    assert int(stats["accepted"]) == int(stats["drafted"])
-    assert int(stats["rounds"]) == math.ceil((n - 1) / (gamma + 1))
 
 
 def test_accept_draft_first_token_follows_the_target():
