@@ -42,7 +42,7 @@ def speculative_generate(target: nn.Module, target_params, draft: nn.Module, dra
     """max_new_tokens tokens continuing prompt_T ([T] ids) and stats {"rounds", "drafted",
     "accepted"} (device scalars; acceptance rate = accepted / drafted). rng may be None for
     greedy decoding. The two models share the vocabulary; compiled once per
-    (models, shapes, gamma, sampling settings)."""
+    (models, shapes, gamma): the sampling settings are traced, as in the engine."""
     prompt_T = jnp.asarray(prompt_T, jnp.int32)
     if prompt_T.ndim != 1:
         raise UserError(f"prompt must be [length] token ids, got shape {prompt_T.shape}")
@@ -58,9 +58,9 @@ def speculative_generate(target: nn.Module, target_params, draft: nn.Module, dra
         if temperature != 0.0:
             raise UserError("sampling with temperature > 0 needs an rng key")
         rng = jax.random.key(0)
-    sampling = (float(temperature), int(top_k), float(top_p))
-    return _speculative(target, draft, max_new_tokens, gamma, sampling,
-                        nn.meta.unbox(target_params), nn.meta.unbox(draft_params), prompt_T, rng)
+    sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    return _speculative(target, draft, max_new_tokens, gamma, nn.meta.unbox(target_params),
+                        nn.meta.unbox(draft_params), prompt_T, rng, sampling)
 
 
 def accept_draft(p_GxV, q_GxV, drafts_G, key):
@@ -85,8 +85,8 @@ def accept_draft(p_GxV, q_GxV, drafts_G, key):
     return tokens.at[n].set(fix).astype(jnp.int32), n
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _speculative(target, draft, max_new, gamma, sampling, t_params, d_params, prompt_T, rng):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _speculative(target, draft, max_new, gamma, t_params, d_params, prompt_T, rng, sampling):
     probs = jax.vmap(lambda lg: token_probs(lg, *sampling))
     t = prompt_T.shape[0]
     length = t + max_new + gamma
