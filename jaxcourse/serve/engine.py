@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import flax.linen as nn
 import jax
@@ -37,22 +37,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcourse.errors import UserError
-from jaxcourse.models.transformer import GPT, GPTConfig
 from jaxcourse.serve import paged_cache
 from jaxcourse.serve.requests import (Event, Request, SamplingParams, _Running,  # noqa: F401
                                       default_buckets)
 from jaxcourse.serve.sampling import row_keys, sample_rows
 
+if TYPE_CHECKING:
+    from jaxcourse.models.transformer import GPTConfig
+
 
 class Engine:
     def __init__(self, model_cfg: GPTConfig, params, *, slots: int = 8, block_size: int = 16,
                  num_blocks: int = 0, buckets: tuple[int, ...] = (),
-                 decode_text: Callable[[list[int]], str] | None = None, metrics=None):
+                 decode_text: Callable[[list[int]], str] | None = None, metrics=None,
+                 steps: tuple[Callable, Callable] | None = None):
+        """`steps`: (prefill, decode step) with the signatures of `_prefill` / `_decode_step`
+        less the model (serve/export.py's exported ones); then `model_cfg` need only carry
+        context, n_layer, kv_heads, head_dim, compute_dtype and pattern, and no model module
+        is imported. Default: the GPT's own jitted steps."""
         if any(kind != "attention" for kind in model_cfg.pattern):
             raise UserError(f"serve: the paged cache holds attention keys and values; "
                             f"model mixers {model_cfg.pattern} are not all 'attention'")
         self.cfg = model_cfg
-        self.model = GPT(model_cfg)
         self.params = nn.meta.unbox(params)
         self.layout = paged_cache.PagedLayout(
             model_cfg.n_layer, model_cfg.kv_heads, model_cfg.head_dim, model_cfg.context,
@@ -75,9 +81,14 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        # Shared by engines of one model config: their compiled steps are reused.
-        self.prefill_fn = functools.partial(_prefill_jit, self.model)
-        self.step_fn = functools.partial(_decode_step_jit, self.model)
+        if steps is None:
+            from jaxcourse.models.transformer import GPT  # noqa: PLC0415 - export serves without
+
+            # Shared by engines of one model config: their compiled steps are reused.
+            self.model = GPT(model_cfg)
+            steps = (functools.partial(_prefill_jit, self.model),
+                     functools.partial(_decode_step_jit, self.model))
+        self.prefill_fn, self.step_fn = steps
 
     # ---- the thread-safe interface ------------------------------------------------------
 

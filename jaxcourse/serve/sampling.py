@@ -25,7 +25,8 @@ def sample_rows(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
     return jax.vmap(_sample_one)(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S)
 
 
-def _sample_one(logits_V, key, temperature, top_k, top_p):
+def filtered_logits(logits_V, temperature, top_k, top_p):
+    """The temperature-scaled logits with top-k / top-p masked to float32 min (one row)."""
     v = logits_V.shape[-1]
     neg_inf = jnp.finfo(jnp.float32).min
     logits = logits_V.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
@@ -35,7 +36,19 @@ def _sample_one(logits_V, key, temperature, top_k, top_p):
     probs_V = jax.nn.softmax(sorted_V)
     keep_V = (jnp.cumsum(probs_V) - probs_V) < top_p  # the mass strictly before a token
     threshold = jnp.min(jnp.where(keep_V, sorted_V, jnp.inf))
-    logits = jnp.where((top_p < 1.0) & (logits < threshold), neg_inf, logits)
+    return jnp.where((top_p < 1.0) & (logits < threshold), neg_inf, logits)
+
+
+def token_probs(logits_V, temperature, top_k, top_p):
+    """The distribution `_sample_one` draws from: softmax of the filtered logits, or the
+    one-hot argmax at temperature 0 (what speculative decoding's rejection rule compares)."""
+    greedy = jax.nn.one_hot(jnp.argmax(logits_V, axis=-1), logits_V.shape[-1])
+    probs = jax.nn.softmax(filtered_logits(logits_V, temperature, top_k, top_p))
+    return jnp.where(temperature > 0, probs, greedy)
+
+
+def _sample_one(logits_V, key, temperature, top_k, top_p):
+    logits = filtered_logits(logits_V, temperature, top_k, top_p)
     # [1, V] as sample_logits draws it, so one key gives the same token in both.
     drawn = jax.random.categorical(key, logits[None], axis=-1)[0]
     greedy = jnp.argmax(logits_V, axis=-1)
