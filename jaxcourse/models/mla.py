@@ -122,14 +122,3 @@ def _softmax(logits_BxHxTxS, mask):
     logits = jnp.where(mask[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1)
 
-
-def cache_bytes_per_token(cfg, dtype=jnp.float32) -> int:
-    """Decode-state bytes one more token adds, all layers (any mixers): measured from the
-    shapes of `init_cache` at two lengths, so fixed-size recurrent states count 0."""
-    from jaxcourse.models.transformer import init_cache
-
-    def size(length):
-        tree = jax.eval_shape(lambda: init_cache(cfg, 1, length, dtype)["layers"])
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-    return size(2) - size(1)
