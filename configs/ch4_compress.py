@@ -14,6 +14,8 @@ def get_config(preset: str = "cpu"):
     # float32-vs-int8 comparison; training keeps the preset's matmul="auto".
     cfg.finetune = {"base": ""}  # a pretraining workdir, or "" to pretrain one here first
     cfg.compress = {
+        "parts": ("quant", "attention", "distill"),
+        "qwix": False,  # True: add qwix's int8 row (pip install -e ".[quant]")
         "schemes": ("float32", "int8", "w8a8", "int4-g32", "int4-g64", "int4-g128"),
         "decode": {"batch_size": 1, "prompt_len": 8, "new_tokens": 48, "repeats": 3},
         "qat_scheme": "int4-g128",

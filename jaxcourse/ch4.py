@@ -255,49 +255,79 @@ def _short_run(cfg, workdir, name, task, steps, lr):
 
 def run_compress(cfg, workdir: pathlib.Path) -> dict:
     """Quantizes the pretrained GPT every way, fine-tunes it with QAT, trains attention
-    variants at equal parameters and a distilled student vs a hard-label one."""
+    variants at equal parameters and a distilled student vs a hard-label one
+    (compress.parts picks among quant, attention, distill)."""
     k = cfg.compress
     for s in k.schemes:
         qweights.check_scheme(s)
+    unknown = set(k.parts) - {"quant", "attention", "distill"}
+    if unknown:
+        raise UserError(f"unknown compress.parts {sorted(unknown)}; use quant, attention, distill")
     model_cfg, params, tok, metrics = base_model(cfg, workdir)
-    corpus = load_corpus(cfg)
-    val = random_batches(corpus.val, cfg.lm.eval_batches, cfg.train.batch_size,
+    val = random_batches(load_corpus(cfg).val, cfg.lm.eval_batches, cfg.train.batch_size,
                          model_cfg.context, cfg.train.seed + 1)
+    sections = []
+    if "quant" in k.parts:
+        rows = _quant_rows(cfg, workdir, model_cfg, params, val)
+        sections.append((f"Quantization (decode: batch {k.decode.batch_size}, "
+                         f"{k.decode.new_tokens} new tokens)", markdown_table(rows, [
+                             "scheme", "val_loss", "model_bytes", "kv_bytes_per_token",
+                             "decode_tokens_per_s"])))
+    else:
+        rows = []
+    attn_rows = _attention_rows(cfg, workdir, model_cfg, val) if "attention" in k.parts else []
+    if attn_rows:
+        sections.append((f"Attention variants ({k.variant_steps} steps each)", markdown_table(
+            attn_rows, ["mixer", "params", "val_loss", "kv_bytes_per_token"])))
+    dist_rows = _distill_rows(cfg, workdir, model_cfg, params, val) if "distill" in k.parts else []
+    if dist_rows:
+        sections.append((f"Distillation ({k.student_steps} steps each)",
+                         markdown_table(dist_rows, ["student", "params", "val_loss"])))
+    write_results(workdir, "Compression: quantization, MLA, distillation", sections)
+    for r in rows + attn_rows + dist_rows:
+        name = r.get("scheme") or r.get("mixer") or r["student"]
+        metrics.update({f"{name}/{c}": v for c, v in r.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+def _quant_rows(cfg, workdir, model_cfg, params, val) -> list[dict]:
+    k = cfg.compress
     f32 = dataclasses.replace(model_cfg, matmul="")  # float32 matmuls: the baseline row
     rows = [qeval.scheme_row(f32, params, s, False, val, k.decode) for s in k.schemes]
     rows += [qeval.scheme_row(f32, params, s, True, val, k.decode) for s in ("float32", "int8")]
+    if k.qwix:
+        rows.append(qeval.qwix_row(f32, params, val, k.decode))
     qat = qmodel.qat_task(lm_task(model_cfg), k.qat_scheme, init_params=params)
     qat_params = _short_run(cfg, workdir, "qat", qat, k.qat_steps, k.qat_lr)
     row = qeval.scheme_row(f32, qat_params, k.qat_scheme, False, val, k.decode)
-    rows.append({**row, "scheme": f"{k.qat_scheme} after {k.qat_steps} QAT steps"})
-    attn_rows = []
+    return rows + [{**row, "scheme": f"{k.qat_scheme} after {k.qat_steps} QAT steps"}]
+
+
+def _attention_rows(cfg, workdir, model_cfg, val) -> list[dict]:
+    k, rows = cfg.compress, []
     for name, overrides in k.attention_variants.items():
         mc = gpt_config(cfg.model, vocab_size=model_cfg.vocab_size, **overrides.to_dict())
-        p = _short_run(cfg, workdir, f"attn_{name}", lm_task(mc), k.variant_steps, cfg.optimizer.lr)
-        attn_rows.append({"mixer": name, "params": count_params(p), "val_loss": mean_loss(mc, p, val),
-                          "kv_bytes_per_token": cache_bytes_per_token(mc)})
+        p = _short_run(cfg, workdir, f"attn_{name}", lm_task(mc), k.variant_steps,
+                       cfg.optimizer.lr)
+        rows.append({"mixer": name, "params": count_params(p),
+                     "val_loss": mean_loss(mc, p, val),
+                     "kv_bytes_per_token": cache_bytes_per_token(mc)})
+    return rows
+
+
+def _distill_rows(cfg, workdir, model_cfg, params, val) -> list[dict]:
+    k = cfg.compress
     student = gpt_config(cfg.model, vocab_size=model_cfg.vocab_size, **k.student.to_dict())
-    dist_rows = [{"student": "teacher (the pretrained GPT)", "params": count_params(params),
-                  "val_loss": mean_loss(model_cfg, params, val)}]
+    rows = [{"student": "teacher (the pretrained GPT)", "params": count_params(params),
+             "val_loss": mean_loss(model_cfg, params, val)}]
     tasks = {"hard labels": lm_task(student),
              f"distilled T={k.temperature} alpha={k.alpha}": distill_task(
                  student, model_cfg, params, temperature=k.temperature, alpha=k.alpha)}
     for i, (name, task) in enumerate(tasks.items()):
         p = _short_run(cfg, workdir, f"student_{i}", task, k.student_steps, cfg.optimizer.lr)
-        dist_rows.append({"student": name, "params": count_params(p),
-                          "val_loss": mean_loss(student, p, val)})
-    write_results(workdir, "Compression: quantization, MLA, distillation", [
-        ("Quantization (decode: batch %d, %d new tokens)" % (k.decode.batch_size, k.decode.new_tokens),
-         markdown_table(rows, ["scheme", "val_loss", "model_bytes", "kv_bytes_per_token",
-                               "decode_tokens_per_s"])),
-        (f"Attention variants ({k.variant_steps} steps each)",
-         markdown_table(attn_rows, ["mixer", "params", "val_loss", "kv_bytes_per_token"])),
-        (f"Distillation ({k.student_steps} steps each)",
-         markdown_table(dist_rows, ["student", "params", "val_loss"]))])
-    for r in rows + attn_rows + dist_rows:
-        name = r.get("scheme") or r.get("mixer") or r["student"]
-        metrics.update({f"{name}/{c}": v for c, v in r.items() if isinstance(v, (int, float))})
-    return metrics
+        rows.append({"student": name, "params": count_params(p),
+                     "val_loss": mean_loss(student, p, val)})
+    return rows
 
 
 EXPERIMENTS = {"gpt": run_gpt, "finetune": run_finetune, "tokenizers": run_tokenizers,

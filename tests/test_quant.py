@@ -151,3 +151,20 @@ def test_qat_task_trains_through_fake_quant_with_float_master_weights():
     fq = qmodel.fake_quant_kernel(up, "int4-g32")
     np.testing.assert_allclose(fq, weights.dequantize_int4(*weights.quantize_int4(up, 32)),
                                atol=1e-6)
+
+
+def test_qwix_int8_agrees_with_the_from_scratch_int8():
+    pytest.importorskip("qwix")
+    from jaxcourse.quant import qwix_ref
+    params = _params()
+    tokens = np.random.default_rng(4).integers(0, TINY.vocab_size, (2, 8), dtype=np.int32)
+    model, qparams = qwix_ref.qwix_int8(TINY, params)
+    ours = qmodel.QuantizedGPT(TINY, "int8")
+    mine = jax.jit(weights.quantize_params, static_argnums=1)(params, "int8")
+    ref = GPT(TINY).apply({"params": params}, tokens)
+    got = jax.jit(lambda p: model.apply({"params": p}, tokens))(qparams)
+    scale = float(jnp.max(jnp.abs(ref)))
+    err_qwix = float(jnp.max(jnp.abs(got - ref)))
+    err_ours = float(jnp.max(jnp.abs(ours.apply({"params": mine}, tokens) - ref)))
+    assert 0 < err_qwix < 0.1 * scale and 0 < err_ours < 0.1 * scale
+    assert err_ours < 3 * err_qwix  # same scheme, errors of the same size

@@ -24,15 +24,26 @@ def quantized_loss(model: QuantizedGPT, qparams, batches) -> float:
     return float(np.mean([_batch_loss(model, qparams, b) for b in batches]))
 
 
+def qwix_row(model_cfg, params, val, decode_cfg) -> dict:
+    """The int8 weight-only row under Google's qwix (quant/qwix_ref.py)."""
+    from jaxcourse.quant import qwix_ref  # noqa: PLC0415 (qwix is an optional dependency)
+    model, qparams = qwix_ref.qwix_int8(model_cfg, params)
+    return _row("qwix int8", model, qparams, model_cfg, "float32", val, decode_cfg)
+
+
 def scheme_row(model_cfg, params, scheme: str, kv_int8: bool, val, decode_cfg) -> dict:
     """One row: scheme, val_loss, model_bytes, kv_bytes_per_token, decode_tokens_per_s."""
     model = QuantizedGPT(model_cfg, scheme, kv_int8=kv_int8)
     qparams = jax.jit(weights.quantize_params, static_argnums=1)(params, scheme)
+    return _row(scheme + (" + kv int8" if kv_int8 else ""), model, qparams, model_cfg,
+                "int8" if kv_int8 else "float32", val, decode_cfg)
+
+
+def _row(name, model, qparams, model_cfg, kv_dtype, val, decode_cfg) -> dict:
     seconds, _ = decode.time_generate(model, qparams, decode_cfg.batch_size,
                                       decode_cfg.prompt_len, decode_cfg.new_tokens,
                                       use_cache=True, repeats=decode_cfg.repeats)
-    kv_dtype = "int8" if kv_int8 else "float32"
-    return {"scheme": scheme + (" + kv int8" if kv_int8 else ""),
+    return {"scheme": name,
             "val_loss": quantized_loss(model, qparams, val),
             "model_bytes": weights.param_bytes(qparams),
             "kv_bytes_per_token": cache_bytes_per_token(model_cfg, kv_dtype),
