@@ -3,6 +3,7 @@
     python -m jaxcourse.ch4 --config=configs/ch4_gpt.py:cpu --config.data.path=FILE   # pretrain
     python -m jaxcourse.ch4 --config=configs/ch4_gpt2.py:gpu --config.data.path=FILE  # GPT-2 124M
     python -m jaxcourse.ch4 --config=configs/ch4_finetune.py:cpu                      # SFT vs LoRA
+    python -m jaxcourse.ch4 --config=configs/ch4_compress.py:cpu   # quantization, MLA, distillation
 
 Lab: train a tokenizer (characters or byte-level BPE) and a GPT on any text with the shared
 loop, report validation loss the way nanoGPT does (mean over 200 random batches of the last
@@ -10,6 +11,7 @@ loop, report validation loss the way nanoGPT does (mean over 200 random batches 
 instructions three ways: prompting with examples, full supervised fine-tuning with the loss
 masked to the answer, and LoRA adapters (jaxcourse.models.lora) trained through the same loop.
 """
+import dataclasses
 import pathlib
 
 import jax
@@ -29,6 +31,11 @@ from jaxcourse.lm import (Corpus, count_params, lm_task, load_model, logits_fn, 
 from jaxcourse.models import decode, lora  # noqa: E402
 from jaxcourse.models.grad_barriers import with_grad_barriers  # noqa: E402
 from jaxcourse.models.transformer import GPTConfig, gpt_config, model_section  # noqa: E402
+from jaxcourse.lm.distill import distill_task  # noqa: E402
+from jaxcourse.lm.params import cache_bytes_per_token  # noqa: E402
+from jaxcourse.quant import evaluate as qeval  # noqa: E402
+from jaxcourse.quant import model as qmodel  # noqa: E402
+from jaxcourse.quant import weights as qweights  # noqa: E402
 from jaxcourse.report import markdown_table, write_results  # noqa: E402
 from jaxcourse.train import Task, train  # noqa: E402
 
@@ -232,7 +239,99 @@ def run_tokenizers(cfg, workdir: pathlib.Path) -> dict:
     return {f"{r['tokenizer']}_{r['vocab_size']}/fertility": r["fertility"] for r in rows}
 
 
-EXPERIMENTS = {"gpt": run_gpt, "finetune": run_finetune, "tokenizers": run_tokenizers}
+# ---------------------------------------------------------------------------------------
+# Compression: quantization (PTQ, W8A8, QAT, int8 KV), MLA vs MHA/GQA/MQA, distillation.
+
+def _short_run(cfg, workdir, name, task, steps, lr):
+    """One short training run through the shared loop (its own steps, lr, no EMA)."""
+    c = config.derive(cfg, {"train.steps": steps, "train.eval_every": steps,
+                            "train.steps_per_call": min(cfg.train.steps_per_call, steps),
+                            "train.ema_decay": 0.0, "optimizer.lr": lr})
+    data = pipeline.lm_batches(load_corpus(cfg).train, c.train.batch_size,
+                               cfg.model.context, c.train.seed)
+    state, _ = train(cpu_workarounds(task, cfg), c, workdir / name, data)
+    return state.params
+
+
+def run_compress(cfg, workdir: pathlib.Path) -> dict:
+    """Quantizes the pretrained GPT every way, fine-tunes it with QAT, trains attention
+    variants at equal parameters and a distilled student vs a hard-label one
+    (compress.parts picks among quant, attention, distill)."""
+    k = cfg.compress
+    for s in k.schemes:
+        qweights.check_scheme(s)
+    unknown = set(k.parts) - {"quant", "attention", "distill"}
+    if unknown:
+        raise UserError(f"unknown compress.parts {sorted(unknown)}; use quant, attention, distill")
+    model_cfg, params, tok, metrics = base_model(cfg, workdir)
+    val = random_batches(load_corpus(cfg).val, cfg.lm.eval_batches, cfg.train.batch_size,
+                         model_cfg.context, cfg.train.seed + 1)
+    sections = []
+    if "quant" in k.parts:
+        rows = _quant_rows(cfg, workdir, model_cfg, params, val)
+        sections.append((f"Quantization (decode: batch {k.decode.batch_size}, "
+                         f"{k.decode.new_tokens} new tokens)", markdown_table(rows, [
+                             "scheme", "val_loss", "model_bytes", "kv_bytes_per_token",
+                             "decode_tokens_per_s"])))
+    else:
+        rows = []
+    attn_rows = _attention_rows(cfg, workdir, model_cfg, val) if "attention" in k.parts else []
+    if attn_rows:
+        sections.append((f"Attention variants ({k.variant_steps} steps each)", markdown_table(
+            attn_rows, ["mixer", "params", "val_loss", "kv_bytes_per_token"])))
+    dist_rows = _distill_rows(cfg, workdir, model_cfg, params, val) if "distill" in k.parts else []
+    if dist_rows:
+        sections.append((f"Distillation ({k.student_steps} steps each)",
+                         markdown_table(dist_rows, ["student", "params", "val_loss"])))
+    write_results(workdir, "Compression: quantization, MLA, distillation", sections)
+    for r in rows + attn_rows + dist_rows:
+        name = r.get("scheme") or r.get("mixer") or r["student"]
+        metrics.update({f"{name}/{c}": v for c, v in r.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+def _quant_rows(cfg, workdir, model_cfg, params, val) -> list[dict]:
+    k = cfg.compress
+    f32 = dataclasses.replace(model_cfg, matmul="")  # float32 matmuls: the baseline row
+    rows = [qeval.scheme_row(f32, params, s, False, val, k.decode) for s in k.schemes]
+    rows += [qeval.scheme_row(f32, params, s, True, val, k.decode) for s in ("float32", "int8")]
+    if k.qwix:
+        rows.append(qeval.qwix_row(f32, params, val, k.decode))
+    qat = qmodel.qat_task(lm_task(model_cfg), k.qat_scheme, init_params=params)
+    qat_params = _short_run(cfg, workdir, "qat", qat, k.qat_steps, k.qat_lr)
+    row = qeval.scheme_row(f32, qat_params, k.qat_scheme, False, val, k.decode)
+    return rows + [{**row, "scheme": f"{k.qat_scheme} after {k.qat_steps} QAT steps"}]
+
+
+def _attention_rows(cfg, workdir, model_cfg, val) -> list[dict]:
+    k, rows = cfg.compress, []
+    for name, overrides in k.attention_variants.items():
+        mc = gpt_config(cfg.model, vocab_size=model_cfg.vocab_size, **overrides.to_dict())
+        p = _short_run(cfg, workdir, f"attn_{name}", lm_task(mc), k.variant_steps,
+                       cfg.optimizer.lr)
+        rows.append({"mixer": name, "params": count_params(p),
+                     "val_loss": mean_loss(mc, p, val),
+                     "kv_bytes_per_token": cache_bytes_per_token(mc)})
+    return rows
+
+
+def _distill_rows(cfg, workdir, model_cfg, params, val) -> list[dict]:
+    k = cfg.compress
+    student = gpt_config(cfg.model, vocab_size=model_cfg.vocab_size, **k.student.to_dict())
+    rows = [{"student": "teacher (the pretrained GPT)", "params": count_params(params),
+             "val_loss": mean_loss(model_cfg, params, val)}]
+    tasks = {"hard labels": lm_task(student),
+             f"distilled T={k.temperature} alpha={k.alpha}": distill_task(
+                 student, model_cfg, params, temperature=k.temperature, alpha=k.alpha)}
+    for i, (name, task) in enumerate(tasks.items()):
+        p = _short_run(cfg, workdir, f"student_{i}", task, k.student_steps, cfg.optimizer.lr)
+        rows.append({"student": name, "params": count_params(p),
+                     "val_loss": mean_loss(student, p, val)})
+    return rows
+
+
+EXPERIMENTS = {"gpt": run_gpt, "finetune": run_finetune, "tokenizers": run_tokenizers,
+               "compress": run_compress}
 
 
 def main(argv=None):

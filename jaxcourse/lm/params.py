@@ -1,4 +1,5 @@
-"""A GPT's parameter tree from shapes alone, its logical axis names, and parameter counts."""
+"""A GPT's parameter tree from shapes alone, its logical axis names, parameter counts and
+decode-state bytes per token."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcourse.models.transformer import GPT, GPTConfig
+from jaxcourse.models.transformer import GPT, GPTConfig, init_cache
 
 
 def abstract_params(model_cfg: GPTConfig):
@@ -27,3 +28,13 @@ def with_axis_names(model_cfg: GPTConfig, params):
 def count_params(tree) -> int:
     """Number of scalars in a tree of arrays or ShapeDtypeStructs (boxed or not)."""
     return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
+
+
+def cache_bytes_per_token(cfg, dtype=jnp.float32) -> int:
+    """Decode-state bytes one more token adds, all layers (any mixers): measured from the
+    shapes of `init_cache` at two lengths, so fixed-size recurrent states count 0."""
+    def size(length):
+        tree = jax.eval_shape(lambda: init_cache(cfg, 1, length, dtype)["layers"])
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    return size(2) - size(1)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxcourse.errors import UserError
 from jaxcourse.models.layers import apply_rope, pallas_kernel, partitioned
+from jaxcourse.quant import kv as kv_quant
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "pallas")
 
@@ -144,9 +145,13 @@ class Attention(nn.Module):
 
     @classmethod
     def init_cache(cls, cfg, options, batch_size: int, length: int, dtype) -> dict:
-        """An empty KV cache: {"k", "v": [B, length, K, D]} (the state grows with length)."""
+        """An empty KV cache: {"k", "v": [B, length, K, D]} (the state grows with length);
+        dtype int8 adds per-token, per-head scales {"k_scale", "v_scale": [B, length, K]}
+        (quant/kv.py)."""
         del options
         shape = (batch_size, length, cfg.kv_heads, cfg.head_dim)
+        if jnp.dtype(dtype) == jnp.int8:
+            return kv_quant.init_int8_cache(shape)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def _proj(self, heads, names, name):
@@ -171,11 +176,7 @@ class Attention(nn.Module):
         if cache is not None:
             if cross:
                 raise ValueError("a KV cache is for self-attention only")
-            k = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-            new_cache = {"k": k, "v": v}
+            new_cache, k, v = _update_cache(cache, k, v, cache_index)
             q_positions = positions_T
         out, probs = dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), impl=self.impl,
@@ -190,3 +191,18 @@ class Attention(nn.Module):
                                     ("heads", "head_dim", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
         return out, new_cache
+
+
+def _update_cache(cache, k, v, index):
+    """Writes k, v [B,T,K,D] at `index`; returns (new cache, full keys, full values)."""
+    def put(name, x):
+        return jax.lax.dynamic_update_slice_in_dim(cache[name], x.astype(cache[name].dtype),
+                                                   index, axis=1)
+    if "k_scale" not in cache:
+        new = {"k": put("k", k), "v": put("v", v)}
+        return new, new["k"], new["v"]
+    (qk, sk), (qv, sv) = kv_quant.quantize_kv(k), kv_quant.quantize_kv(v)
+    new = {"k": put("k", qk), "v": put("v", qv), "k_scale": put("k_scale", sk),
+           "v_scale": put("v_scale", sv)}
+    return (new, kv_quant.dequantize_kv(new["k"], new["k_scale"], k.dtype),
+            kv_quant.dequantize_kv(new["v"], new["v_scale"], v.dtype))

@@ -39,6 +39,7 @@ MIXERS: dict[str, str | type] = {
     "mamba2": "jaxcourse.models.ssm:Mamba2",
     "rwkv": "jaxcourse.models.rwkv:RWKV6TimeMix",
     "retnet": "jaxcourse.models.retnet:MultiScaleRetention",
+    "mla": "jaxcourse.models.mla:MultiHeadLatentAttention",
 }
 FFNS: dict[str, str | type] = {
     "mlp": "jaxcourse.models.layers:MLP",
