@@ -154,8 +154,7 @@ def test_qat_task_trains_through_fake_quant_with_float_master_weights():
 
 
 def test_qwix_int8_agrees_with_the_from_scratch_int8():
-    pytest.importorskip("qwix")
-    from jaxcourse.quant import qwix_ref
+    from jaxcourse.quant import qwix_ref  # qwix is in the test extra: no skip
     params = _params()
     tokens = np.random.default_rng(4).integers(0, TINY.vocab_size, (2, 8), dtype=np.int32)
     model, qparams = qwix_ref.qwix_int8(TINY, params)
