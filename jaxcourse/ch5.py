@@ -2,27 +2,34 @@
 
     python -m jaxcourse.ch5                                    # ViT on the embedded digits
     python -m jaxcourse.ch5 --config=configs/ch5_vit_vs_cnn.py # ViT vs chapter 2's ResNet
+    python -m jaxcourse.ch5 --config=configs/ch5_clip.py       # CLIP / SigLIP on the scenes
 
 Lab: a Vision Transformer (models/vit.py: patches as a conv or a reshape, class token or
 mean pooling, learned or 2-D sin-cos positions, the shared non-causal block stack) trained
 with the one loop and chapter 2's classification task; where its class token looks in each
 layer; then chapter 2's ResNet beside a ViT of the same parameter count, on the same data
 with the same steps: accuracy, step time, and both at smaller fractions of the training
-set. Swin (models/swin.py) and the generated image-text scenes (data/scenes.py) are the
-library pieces the contrastive, MAE, DINO and VQA labs of this chapter build on.
+set. Then CLIP / SigLIP (models/clip.py, vision/contrastive.py) on the generated image-text
+scenes (data/scenes.py): the ViT and a text tower trained with the one loop on image-caption
+pairs, zero-shot classification of the colour x shape pairs held out of training (prompt
+ensembling), and text <-> image retrieval R@1/5/10 on the test scenes.
 """
 import dataclasses
 import pathlib
 
+import jax
 import numpy as np
 
 from jaxcourse import cli, config
 from jaxcourse.errors import UserError
 from jaxcourse.lm.params import count_params
+from jaxcourse.data import pipeline, scenes
+from jaxcourse.models import clip as clip_lib
 from jaxcourse.models.classifier import ClassifierConfig, build_classifier
-from jaxcourse.models.vit import ViTClassifier, attention_maps, attention_rollout, vit_config
+from jaxcourse.models.vit import ViT, ViTClassifier, attention_maps, attention_rollout, vit_config
 from jaxcourse.report import markdown_table, write_results
-from jaxcourse.vision import plots
+from jaxcourse.train import train
+from jaxcourse.vision import contrastive, plots
 from jaxcourse.vision import task as task_lib
 
 
@@ -139,7 +146,127 @@ def run_vit_vs_cnn(cfg, workdir: pathlib.Path) -> dict:
     return metrics
 
 
-EXPERIMENTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn}
+class _Rows:
+    """rows[idx] of an array, indexed lazily: the images of the flattened caption pairs."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array, self.rows = array, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx):
+        return self.array[self.rows[idx]]
+
+
+def caption_pairs(split: scenes.Scenes, tok, context: int) -> dict:
+    """Every (scene, caption) pair of a split, scene-major: {"image", "tokens", "valid",
+    "scene"} (images shared, not copied, between a scene's captions)."""
+    texts = [c for caps in split.captions for c in caps]
+    owner = np.repeat(np.arange(len(split)), [len(c) for c in split.captions])
+    tokens, valid = scenes.tokenize_captions(tok, texts, context)
+    return {"image": _Rows(split.images, owner), "tokens": tokens, "valid": valid,
+            "scene": owner, "text": texts}
+
+
+def clip_model(cfg, tok) -> clip_lib.CLIP:
+    tower = vit_config(cfg.model, image_size=scenes.IMAGE_SIZE, channels=3, num_classes=0)
+    return clip_lib.CLIP(ViT(tower), clip_lib.CLIPConfig(**cfg.clip.to_dict(),
+                                                         vocab_size=tok.vocab_size))
+
+
+def embed_images(model, params, images, batch_size: int) -> np.ndarray:
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=clip_lib.CLIP.encode_image))
+    return np.concatenate([np.asarray(fn(params, images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
+
+
+def class_embeddings(model, params, cfg, tok) -> np.ndarray:
+    """Every colour x shape class by prompt ensembling over cfg.zero_shot.templates: [20, D]."""
+    encode = lambda texts: clip_lib.encode_texts(  # noqa: E731
+        model, params, tok.encode, texts, cfg.clip.text_context)
+    return np.asarray(contrastive.zero_shot_classifier(
+        scenes.class_names(), list(cfg.zero_shot.templates), encode))
+
+
+def zero_shot(img_NxD, classes_KxD, true_N, labels) -> dict:
+    """Zero-shot accuracy of images against the candidate classes `labels` only (indices
+    into scenes.class_names()); also the predicted labels."""
+    labels = np.asarray(labels)
+    pred = labels[np.asarray(contrastive.zero_shot_logits(img_NxD, classes_KxD[labels])
+                             .argmax(-1))]
+    return {"accuracy": float((pred == true_N).mean()), "pred": pred}
+
+
+def retrieval(model, params, cfg, tok, split: scenes.Scenes, img_NxD) -> tuple:
+    """R@1/5/10 both ways over the split's scenes and all their captions; also the
+    similarities [images, captions] and the caption pairs."""
+    pairs = caption_pairs(split, tok, cfg.clip.text_context)
+    txt = clip_lib.encode_texts(model, params, tok.encode, pairs["text"], cfg.clip.text_context)
+    sim = img_NxD @ np.asarray(txt).T
+    return contrastive.retrieval_recall(sim, pairs["scene"]), sim, pairs
+
+
+def retrieval_figure(cfg, split: scenes.Scenes, sim, pairs, path: pathlib.Path):
+    """The first caption of the first `retrieval.queries` test scenes and their top images."""
+    r = cfg.retrieval
+    cols = [int(np.flatnonzero(pairs["scene"] == i)[0]) for i in range(r.queries)]
+    top = np.argsort(-sim[:, cols].T, axis=1, kind="stable")[:, :r.top]  # [Q, K] scenes
+    hits = top == pairs["scene"][cols][:, None]
+    return plots.plot_retrieval([pairs["text"][j] for j in cols], split.images[top], hits,
+                                path, "CLIP text-to-image retrieval on test scenes")
+
+
+def run_clip(cfg, workdir: pathlib.Path) -> dict:
+    """CLIP / SigLIP on the scenes' train split (the one loop, `contrastive_task`); zero-shot
+    on the held-out pairs; retrieval on the test split; the retrieval grid."""
+    s = cfg.scenes
+    data = scenes.make_splits(s.n_train, s.n_test, s.n_heldout, s.seed)
+    tok = scenes.caption_tokenizer()
+    model = clip_model(cfg, tok)
+    context = cfg.clip.text_context
+    train_pairs = caption_pairs(data["train"], tok, context)
+    test_pairs = caption_pairs(data["test"], tok, context)
+    keys = ("image", "tokens", "valid")
+    state, m = train(clip_lib.contrastive_task(model), cfg, workdir,
+                     pipeline.batches({k: train_pairs[k] for k in keys}, cfg.train.batch_size,
+                                      cfg.train.seed),
+                     pipeline.eval_batches({k: test_pairs[k] for k in keys},
+                                           cfg.eval_batch_size))
+    params = state.params
+    heldout, every = scenes.heldout_labels(), np.arange(len(scenes.class_names()))
+    classes = class_embeddings(model, params, cfg, tok)
+    img = {k: embed_images(model, params, data[k].images, cfg.eval_batch_size)
+           for k in ("heldout", "test")}
+    zs = zero_shot(img["heldout"], classes, data["heldout"].label, heldout)
+    zs_all = zero_shot(img["heldout"], classes, data["heldout"].label, every)
+    zs_seen = zero_shot(img["test"], classes, data["test"].label,
+                        np.setdiff1d(every, heldout))
+    recall, sim, pairs = retrieval(model, params, cfg, tok, data["test"], img["test"])
+    retrieval_figure(cfg, data["test"], sim, pairs, workdir / "retrieval.png")
+    zs_rows = [
+        {"images": "heldout pairs", "candidates": f"the {len(heldout)} held-out pairs",
+         "accuracy": zs["accuracy"]},
+        {"images": "heldout pairs", "candidates": "all 20 pairs", "accuracy": zs_all["accuracy"]},
+        {"images": "test (seen pairs)", "candidates": "the 16 seen pairs",
+         "accuracy": zs_seen["accuracy"]}]
+    r_rows = [{"direction": d, **{f"R@{k}": recall[f"{d}_r{k}"] for k in (1, 5, 10)}}
+              for d in ("t2i", "i2t")]
+    write_results(workdir, f"Chapter 5: {cfg.clip.loss.upper()} on the generated scenes", [
+        ("zero-shot (prompt ensembling)", markdown_table(zs_rows, list(zs_rows[0]))),
+        ("retrieval on the test split", markdown_table(r_rows, list(r_rows[0])))])
+    return {"clip_zero_shot_accuracy": zs["accuracy"],
+            "clip_zero_shot_all_classes_accuracy": zs_all["accuracy"],
+            "clip_zero_shot_seen_accuracy": zs_seen["accuracy"],
+            "clip_r_at_1": recall["t2i_r1"],
+            **{f"clip_{k}": v for k, v in recall.items()},
+            "clip_heldout_labels": sorted(set(int(k) for k in data["heldout"].label)),
+            "clip_zero_shot_predicted": sorted(set(int(k) for k in zs["pred"])),
+            "clip_test_loss": m["eval/loss"], "clip_scale": m.get("train/scale", float("nan")),
+            "clip_steps": m["steps"]}
+
+
+EXPERIMENTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn, "clip": run_clip}
 
 
 def main(argv=None):

@@ -1,4 +1,5 @@
-"""Chapter 5 end to end on the smoke preset: the ViT run, ViT vs CNN, one-line bad input."""
+"""Chapter 5 end to end on the smoke presets: ViT vs CNN (the ViT run inside it), CLIP, one-line
+bad input."""
 import json
 import math
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxcourse import ch5
+from jaxcourse.data import scenes
 
 SMOKE = "--config=configs/ch5_vit.py:smoke"
 
@@ -14,34 +16,60 @@ def _summary(workdir):
     return json.loads((workdir / "summary.json").read_text())["metrics"]
 
 
-def test_vit_run_trains_and_draws_attention(tmp_path):
-    ch5.main([SMOKE, f"--workdir={tmp_path}"])
-    m = _summary(tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_vit_vs_cnn_trains_both_and_draws(tmp_path):
+    """One smoke run for the ViT and ViT-vs-CNN labs (run_vit is this run's ViT half)."""
+    workdir = tmp_path / "cmp"
+    ch5.main(["--config=configs/ch5_vit_vs_cnn.py:smoke", f"--workdir={workdir}",
+              "--config.compare.fractions=(1.0,)"])
+    m = _summary(workdir)
+    rows = [json.loads(line)
+            for line in (workdir / "vit-100pct" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert len(losses) == 3 and losses[-1] < losses[0]  # 30 steps: it starts to learn
-    assert 0.0 <= m["vit_test_accuracy"] <= 1.0 and math.isfinite(m["vit_test_loss"])
+    assert len(losses) == 3 and losses[-1] < losses[0]  # 30 steps: the ViT starts to learn
+    for name in ("vit", "cnn"):
+        assert 0.0 <= m[f"{name}_test_accuracy"] <= 1.0
+        assert m[f"{name}_test_accuracy"] == m[f"{name}_100pct/test_accuracy"]
+        assert m[f"{name}_step_ms"] == m[f"{name}_100pct/step_ms"] > 0
     # 16 patches of 2x2x1 into width 32, a class token, 1 block of width 32 (MLP 64; biases),
     # the final norm, a 10-way head
     d, f = 32, 64
     block = 2 * 2 * d + 4 * (d * d + d) + (d * f + f) + (f * d + d)
-    assert m["vit_params"] == (4 * d + d) + d + block + 2 * d + (d * 10 + 10)
-    assert (tmp_path / "attention.png").stat().st_size > 5_000
-    table = (tmp_path / "results.md").read_text()
-    assert f"| vit | {m['vit_test_accuracy']:.4g} |" in table
-
-
-def test_vit_vs_cnn_reports_both(tmp_path):
-    workdir = tmp_path / "cmp"
-    ch5.main(["--config=configs/ch5_vit_vs_cnn.py:smoke", f"--workdir={workdir}",
-              "--config.train.steps=20", "--config.compare.fractions=(1.0,)"])
-    m = _summary(workdir)
-    for name in ("vit", "cnn"):
-        assert m[f"{name}_test_accuracy"] == m[f"{name}_100pct/test_accuracy"]
-        assert m[f"{name}_step_ms"] == m[f"{name}_100pct/step_ms"] > 0
-    assert m["cnn_params"] == 398 and m["vit_params"] == 9130  # both models, not one twice
+    assert m["vit_params"] == (4 * d + d) + d + block + 2 * d + (d * 10 + 10) == 9130
+    assert m["cnn_params"] == 398  # both models, not one twice
     for png in ("attention.png", "data_fraction.png"):
         assert (workdir / png).stat().st_size > 5_000, png
+    table = (workdir / "results.md").read_text()
+    for name in ("vit", "cnn"):
+        assert f"| {name} | 1 |" in table and f"| {m[name + '_test_accuracy']:.4g} |" in table
+
+
+def test_clip_zero_shot_on_heldout_pairs_and_retrieval(tmp_path):
+    ch5.main(["--config=configs/ch5_clip.py:smoke", f"--workdir={tmp_path}"])
+    m = _summary(tmp_path)
+    keys = ["clip_zero_shot_accuracy", "clip_zero_shot_all_classes_accuracy",
+            "clip_zero_shot_seen_accuracy", "clip_r_at_1", "clip_test_loss"]
+    keys += [f"clip_{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    for k in keys:
+        assert math.isfinite(m[k]), k
+    assert m["clip_r_at_1"] == m["clip_t2i_r1"] and m["clip_steps"] == 20
+    for d in ("t2i", "i2t"):  # R@k can only grow with k
+        assert m[f"clip_{d}_r1"] <= m[f"clip_{d}_r5"] <= m[f"clip_{d}_r10"] <= 1.0
+    # the held-out split holds the held-out pairs only, and zero-shot picks among them only
+    held = sorted(int(k) for k in scenes.heldout_labels())
+    assert m["clip_heldout_labels"] == held
+    assert set(m["clip_zero_shot_predicted"]) <= set(held)
+    assert (tmp_path / "retrieval.png").stat().st_size > 5_000
+    table = (tmp_path / "results.md").read_text()
+    assert f"| heldout pairs | the 4 held-out pairs | {m['clip_zero_shot_accuracy']:.4g} |" in table
+    assert f"| t2i | {m['clip_t2i_r1']:.4g} |" in table
+
+
+def test_zero_shot_scores_only_the_candidate_classes():
+    classes = np.eye(4, dtype=np.float32)           # class k's embedding is axis k
+    img = np.eye(4, dtype=np.float32)[[0, 1, 2, 3]]  # image i looks like class i
+    out = ch5.zero_shot(img, classes, np.array([0, 1, 2, 3]), [1, 3])
+    assert set(out["pred"]) <= {1, 3} and out["accuracy"] == 0.5
+    assert ch5.zero_shot(img, classes, np.arange(4), np.arange(4))["accuracy"] == 1.0
 
 
 def test_subset_keeps_a_fixed_fraction():

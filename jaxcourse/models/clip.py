@@ -26,6 +26,7 @@ from jaxcourse.errors import UserError
 from jaxcourse.models.block import Stack
 from jaxcourse.models.layers import Embed
 from jaxcourse.models.transformer import GPTConfig, Positions, check_length, final_norm
+from jaxcourse.models.vit import pooled_features
 from jaxcourse.train import Task
 from jaxcourse.vision import contrastive
 
@@ -66,13 +67,6 @@ class CLIPConfig:
     def init_log_scale(self) -> float:
         return (contrastive.CLIP_INIT_LOG_SCALE if self.loss == "clip"
                 else contrastive.SIGLIP_INIT_LOG_SCALE)
-
-
-def pooled_features(out):
-    """An encoder's image features [B, E]: out["pooled"], or the mean over tokens."""
-    if isinstance(out, dict):
-        return out["pooled"]
-    return out.mean(axis=1) if out.ndim == 3 else out
 
 
 class TextTower(nn.Module):

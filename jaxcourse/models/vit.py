@@ -117,6 +117,19 @@ def unpatchify(patches_BxNxP, p: int, h: int, w: int, c: int):
     return jnp.einsum("bghpqc->bgphqc", x).reshape(b, h, w, c)
 
 
+def pooled_features(out):
+    """An image encoder's features [B, D]: out["pooled"] of a ViT-style dict, the mean over
+    tokens of a [B, T, D] output, or a [B, D] output as it is (CLIP, DINO, probes)."""
+    if isinstance(out, dict):
+        return out["pooled"]
+    return out.mean(axis=1) if out.ndim == 3 else out
+
+
+def token_features(out):
+    """An image encoder's tokens [B, T, D]: out["tokens"] of a ViT-style dict, or out (MAE)."""
+    return out["tokens"] if isinstance(out, dict) else out
+
+
 def sincos_1d(positions, dim: int):
     """[n] positions -> [n, dim]: sin of dim/2 frequencies 1/10000^(i/(dim/2)), then cos."""
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))

@@ -96,3 +96,71 @@ def vit_config(preset: str) -> ml_collections.ConfigDict:
         o.lr = 1e-3
         o.warmup_steps = 2000
     return cfg
+
+
+# Zero-shot prompts: each class name ("red triangle") goes into every template and the
+# class embedding is their normalised mean (prompt ensembling, CLIP sec. 3.1.4). They
+# follow the caption templates of data/scenes.py, without repeating whole captions.
+CLIP_TEMPLATES = ("a photo of a {}", "a {} on black", "a small {}", "a large {}",
+                  "one {}", "a photo of two {}s", "three {}s")
+
+
+def clip_config(preset: str) -> ml_collections.ConfigDict:
+    """CLIP (or SigLIP: --config.clip.loss=siglip) on the generated scenes: a ViT image
+    tower, the clip.py text tower over the caption characters; zero-shot on the held-out
+    colour x shape pairs and retrieval on the test split."""
+    cfg = config.base_config()
+    cfg.experiment = "clip"
+    cfg.model = vit_model(patch_size=4, pool="gap", n_layer=3, n_head=4, d_model=64, d_ff=128)
+    cfg.clip = {
+        "loss": "clip",          # clip (InfoNCE) | siglip (sigmoid)
+        "embed_dim": 64,
+        "text_context": 64,      # the longest caption is 55 characters
+        "text_layers": 2,
+        "text_heads": 4,
+        "text_width": 64,
+        "text_pool": "mean",
+        "text_causal": False,
+    }
+    cfg.scenes = {"n_train": 4000, "n_test": 500, "n_heldout": 500, "seed": 0}
+    cfg.zero_shot = {"templates": CLIP_TEMPLATES}
+    cfg.retrieval = {"queries": 6, "top": 5}  # rows and columns of the retrieval grid
+    cfg.eval_batch_size = 250
+    t = cfg.train
+    t.steps = 600  # measured: 440 s on 2 shared cores; more steps would help shape
+    t.batch_size = 128
+    t.eval_every = 600
+    t.log_every = 100
+    t.steps_per_call = 10
+    o = cfg.optimizer
+    o.name = "adamw"
+    o.lr = 1e-3
+    o.schedule = "warmup_cosine"
+    o.warmup_steps = 100
+    o.min_lr_ratio = 0.01
+    o.weight_decay = 0.05
+    o.clip_norm = 1.0
+    if preset == "smoke":
+        cfg.model.update(n_layer=1, n_head=2, d_model=32, d_ff=64)
+        cfg.clip.update(embed_dim=16, text_layers=1, text_heads=2, text_width=32)
+        cfg.scenes.update(n_train=128, n_test=40, n_heldout=40)
+        cfg.retrieval.update(queries=2)
+        cfg.eval_batch_size = 40
+        t.steps = 20
+        t.batch_size = 32
+        t.eval_every = 20
+        t.log_every = 10
+        o.lr = 3e-3
+        o.warmup_steps = 2
+    elif preset == "gpu":  # more scenes, a wider pair of towers
+        cfg.model.update(n_layer=6, n_head=6, d_model=192, d_ff=768)
+        cfg.clip.update(embed_dim=256, text_layers=4, text_heads=6, text_width=192)
+        cfg.scenes.update(n_train=50000, n_test=2000, n_heldout=2000)
+        t.steps = 20000
+        t.batch_size = 512
+        t.eval_every = 2000
+        t.log_every = 200
+        t.steps_per_call = 50
+        t.precision = "bfloat16"
+        o.warmup_steps = 1000
+    return cfg

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcourse.errors import UserError
+from jaxcourse.models.vit import pooled_features
 from jaxcourse.train import Task
 
 
@@ -96,13 +97,6 @@ class DINOHead(nn.Module):
         if not c.norm_last_layer:
             w = w * self.param("last_g", nn.initializers.ones, (c.out_dim,))
         return x_BxE @ w
-
-
-def pooled_features(out):
-    """An encoder's image features [B, D]: out["pooled"], or the mean over tokens."""
-    if isinstance(out, dict):
-        return out["pooled"]
-    return out.mean(axis=1) if out.ndim == 3 else out
 
 
 class DINO(nn.Module):

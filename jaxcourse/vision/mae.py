@@ -24,7 +24,10 @@ import numpy as np
 
 from jaxcourse.errors import UserError
 from jaxcourse.models.block import Stack
+from jaxcourse.models import vit
 from jaxcourse.models.transformer import GPTConfig, final_norm
+# One patchify for the ViT's reshape path and MAE's targets (re-exported for tests).
+from jaxcourse.models.vit import check_patch, patchify, token_features, unpatchify  # noqa: F401
 from jaxcourse.train import Task
 
 
@@ -60,27 +63,6 @@ class MAEConfig:
                          norm="layernorm", pos="none", attention="einsum", vocab_size=1)
 
 
-def _check_patch(h: int, w: int, p: int) -> None:
-    if h % p or w % p:
-        raise UserError(f"patch size {p} does not divide the {h}x{w} image")
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def patchify(images_BxHxWxC, p: int):
-    """[B, H, W, C] -> [B, N, p*p*C], patches in raster order, pixels (row, col, channel)."""
-    b, h, w, c = images_BxHxWxC.shape
-    _check_patch(h, w, p)
-    x = images_BxHxWxC.reshape(b, h // p, p, w // p, p, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def unpatchify(patches_BxNxP, p: int, h: int, w: int, c: int):
-    b = patches_BxNxP.shape[0]
-    x = patches_BxNxP.reshape(b, h // p, w // p, p, p, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def random_masking(rng, batch: int, n_patches: int, ratio: float) -> dict:
     """Per-example shuffle by argsort of noise (MAE section 3, "Masking").
@@ -114,20 +96,10 @@ def mae_loss(pred_BxNxP, target_BxNxP, mask_BxN):
 
 
 def sincos_2d(gh: int, gw: int, dim: int) -> np.ndarray:
-    """Fixed 2-D sin-cos positions [gh*gw, dim]: half the channels per axis (MAE, ViT)."""
+    """Fixed 2-D sin-cos positions [gh*gw, dim] for the decoder: vit.sincos_2d, flattened."""
     if dim % 4:
         raise UserError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
-    ys, xs = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-    parts = []
-    for pos in (ys.reshape(-1), xs.reshape(-1)):
-        angle = pos[:, None] * omega[None]
-        parts += [np.sin(angle), np.cos(angle)]
-    return np.concatenate(parts, axis=1).astype(np.float32)
-
-
-def _tokens(out):
-    return out["tokens"] if isinstance(out, dict) else out
+    return vit.sincos_2d(gh, gw, dim).reshape(gh * gw, dim)
 
 
 class MAE(nn.Module):
@@ -143,10 +115,10 @@ class MAE(nn.Module):
     def __call__(self, images_BxHxWxC, keep_BxK, restore_BxN, *, train: bool = False):
         c = self.cfg
         b, h, w, ch = images_BxHxWxC.shape
-        _check_patch(h, w, c.patch_size)
+        check_patch(h, w, c.patch_size)
         gh, gw = h // c.patch_size, w // c.patch_size
         n, k = gh * gw, keep_BxK.shape[1]
-        tokens = _tokens(self.encoder(images_BxHxWxC, train=train, keep_BxK=keep_BxK))
+        tokens = token_features(self.encoder(images_BxHxWxC, train=train, keep_BxK=keep_BxK))
         visible_BxKxE = tokens[:, tokens.shape[1] - k:]  # drop prefix tokens
         dc = c.decoder(n)
         x_BxKxD = nn.Dense(dc.d_model, name="decoder_embed")(visible_BxKxE)
@@ -190,7 +162,7 @@ def mae_task(model: MAE) -> Task:
 
     def masking(rng, images):
         b, h, w, _ = images.shape
-        _check_patch(h, w, cfg.patch_size)
+        check_patch(h, w, cfg.patch_size)
         return random_masking(rng, b, (h // cfg.patch_size) * (w // cfg.patch_size),
                               cfg.mask_ratio)
 

@@ -63,3 +63,30 @@ def plot_fractions(rows: list[dict], path: pathlib.Path, title: str) -> pathlib.
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path, dpi=90)
+
+
+def plot_retrieval(queries: list[str], images_QxKxHxWxC, hits_QxK, path: pathlib.Path,
+                   title: str) -> pathlib.Path:
+    """Text-to-image retrieval: one row per query caption, its top-K images left to right,
+    each framed green when it is the query's own image and red otherwise."""
+    q, k = hits_QxK.shape
+    fig, axes = plt.subplots(q, k, figsize=(1.5 * k + 2.5, 1.5 * q), squeeze=False)
+    for i in range(q):
+        for j in range(k):
+            ax = axes[i, j]
+            ax.imshow(np.clip(images_QxKxHxWxC[i, j], 0, 1), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_edgecolor("tab:green" if hits_QxK[i, j] else "tab:red")
+                side.set_linewidth(3)
+            if j == 0:
+                ax.set_ylabel(queries[i], rotation=0, ha="right", va="center", fontsize=8)
+            if i == q - 1:
+                ax.set_xlabel(f"rank {j + 1}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel("retrieved test images, most similar first (green: the caption's image)",
+                  fontsize=8)
+    fig.supylabel("query caption", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=90)
