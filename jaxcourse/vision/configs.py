@@ -32,6 +32,19 @@ def vit_model(**overrides) -> dict:
     return section
 
 
+def _transformer_optimizer(cfg, lr: float):
+    """AdamW, warmup + cosine, weight decay 0.05, clipping at 1: both transformer labs' recipe."""
+    o = cfg.optimizer
+    o.name = "adamw"
+    o.lr = lr
+    o.schedule = "warmup_cosine"
+    o.warmup_steps = 100
+    o.min_lr_ratio = 0.01
+    o.weight_decay = 0.05
+    o.clip_norm = 1.0
+    return o
+
+
 def vit_config(preset: str) -> ml_collections.ConfigDict:
     """ViT on digits (cpu, smoke) or CIFAR-10 (gpu); chapter 2's ResNet in `cnn`."""
     cfg = config.base_config()
@@ -59,14 +72,7 @@ def vit_config(preset: str) -> ml_collections.ConfigDict:
     t.eval_every = 500
     t.log_every = 100
     t.steps_per_call = 10
-    o = cfg.optimizer
-    o.name = "adamw"
-    o.lr = 2e-3
-    o.schedule = "warmup_cosine"
-    o.warmup_steps = 100
-    o.min_lr_ratio = 0.01
-    o.weight_decay = 0.05
-    o.clip_norm = 1.0
+    o = _transformer_optimizer(cfg, lr=2e-3)
     if preset == "smoke":
         cfg.model.update(n_layer=1, n_head=2, d_model=32, d_ff=64)
         cfg.cnn.model.update(width=4, stages=(1,))
@@ -132,14 +138,7 @@ def clip_config(preset: str) -> ml_collections.ConfigDict:
     t.eval_every = 600
     t.log_every = 100
     t.steps_per_call = 10
-    o = cfg.optimizer
-    o.name = "adamw"
-    o.lr = 1e-3
-    o.schedule = "warmup_cosine"
-    o.warmup_steps = 100
-    o.min_lr_ratio = 0.01
-    o.weight_decay = 0.05
-    o.clip_norm = 1.0
+    o = _transformer_optimizer(cfg, lr=1e-3)
     if preset == "smoke":
         cfg.model.update(n_layer=1, n_head=2, d_model=32, d_ff=64)
         cfg.clip.update(embed_dim=16, text_layers=1, text_heads=2, text_width=32)
