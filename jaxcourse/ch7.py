@@ -43,7 +43,7 @@ from jaxcourse.train.loop import compile_train_step  # noqa: E402
 class Domains:
     tokenizer: CharTokenizer
     names: list[str]
-    train: np.ndarray            # the domains' training parts, concatenated
+    train: list[np.ndarray]      # per domain, its training part
     val: dict[str, np.ndarray]   # per domain, its held-out tail
 
 
@@ -62,7 +62,7 @@ def load_domains(cfg) -> Domains:
         n_val = int(len(ids) * cfg.lm.val_fraction)
         train_parts.append(ids[:-n_val])
         val[pathlib.Path(name).stem] = ids[-n_val:]
-    return Domains(tok, list(val), np.concatenate(train_parts), val)
+    return Domains(tok, list(val), train_parts, val)
 
 
 def model_configs(cfg, vocab: int):
@@ -82,8 +82,9 @@ def fit(cfg, workdir: pathlib.Path, model_cfg, domains: Domains, total_steps: in
     total_steps: the learning-rate schedule's length when this call trains only part of a
     run (the MoE snapshots stop at marks and resume): the schedule must not decay to its
     end at every mark (0: cfg.train.steps)."""
-    data = pipeline.lm_batches(domains.train, cfg.train.batch_size, model_cfg.context,
-                               cfg.train.seed)
+    pure_steps = round(cfg.lm.get("curriculum", 0.0) * (total_steps or cfg.train.steps))
+    data = pipeline.mixture_batches(domains.train, cfg.train.batch_size, model_cfg.context,
+                                    cfg.train.seed, pure_steps)
     per_domain = cfg.lm.eval_tokens // len(domains.names)
     windows = np.concatenate([_windows(v, model_cfg.context, per_domain)
                               for v in domains.val.values()])
@@ -172,13 +173,19 @@ def _model_row(name, cfg, model_cfg, state, final, task, data, domains) -> dict:
            "active_params": moe_stats.active_params(model_cfg, state.params),
            "dropped_fraction": final.get("eval/aux/dropped_fraction", 0.0),
            "load_cv": final.get("eval/aux/load_cv", 0.0)}
-    for d, tokens in domains.val.items():
-        batches = eval_windows(tokens, model_cfg.context, cfg.lm.eval_tokens // 2,
-                               cfg.lm.eval_batch_size)
-        row[f"val_loss/{d}"] = mean_loss(model_cfg, state.params, batches)
+    row.update(_domain_losses(cfg, model_cfg, state, domains))
     compiled = compile_train_step(task, cfg, data[0])
     row["compiled_total_mib"] = memory.mib(memory.compiled_memory(compiled)["total"])
     return row
+
+
+def _domain_losses(cfg, model_cfg, state, domains) -> dict:
+    out = {}
+    for d, tokens in domains.val.items():
+        batches = eval_windows(tokens, model_cfg.context, cfg.lm.eval_tokens // 2,
+                               cfg.lm.eval_batch_size)
+        out[f"val_loss/{d}"] = mean_loss(model_cfg, state.params, batches)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,13 +196,19 @@ VARIANTS = {
     "top1": {"model.moe.top_k": 1},
     # One always-on shared expert + top-1 of 8 (DeepSeek-style): the same active width.
     "shared_top1": {"model.moe.n_shared": 1, "model.moe.top_k": 1},
-    "capacity_1.25": {"model.moe.capacity_factor": 1.25},
-    "capacity_1.0": {"model.moe.capacity_factor": 1.0},
-    # The same dropless math on the sorted grouped-matmul path (lax.ragged_dot).
+    # Capacity needs the dense one-hot dispatch (GShard), the path of expert parallelism.
+    "capacity_1.25": {"model.moe.impl": "dense", "model.moe.capacity_factor": 1.25},
+    "capacity_1.0": {"model.moe.impl": "dense", "model.moe.capacity_factor": 1.0},
+    # The same dropless math through the dense dispatch and on the grouped-matmul path
+    # (lax.ragged_dot), against the base's expert-sorted blocks.
+    "dense": {"model.moe.impl": "dense"},
     "ragged": {"model.moe.impl": "ragged"},
     "no_balance_loss": {"lm.aux_weights.load_balance": 0.0},
     "no_z_loss": {"lm.aux_weights.z_loss": 0.0},
     "aux_free_bias": {"lm.aux_weights.load_balance": 0.0, "model.moe.bias_rate": 1e-3},
+    # The research sketch: a domain curriculum, single-domain batches (the domains in turn)
+    # for the first quarter of training, then the mixture.
+    "domain_curriculum": {"lm.curriculum": 0.25},
 }
 
 
@@ -226,6 +239,8 @@ def run_ablation(cfg, workdir: pathlib.Path) -> dict:
                                                                     o.n_experts).mean()),
                "tokens_per_second": final["steps_per_second"] * cfg.train.batch_size
                * moe_cfg.context}
+        if cfg.ablation.get("per_domain", False):
+            row.update(_domain_losses(run_cfg, moe_cfg, state, domains))
         rows.append(row)
         metrics.update({f"{name}/{k}": v for k, v in row.items() if k != "variant"})
     write_results(workdir, "Chapter 7: MoE ablation", [("variants",

@@ -4,12 +4,30 @@ import json
 import math
 
 import jax
+import jax.experimental.compilation_cache.compilation_cache as jax_cache
 import numpy as np
 import pytest
 
 from jaxcourse import ch7, config
+from jaxcourse.data import pipeline
 from jaxcourse.errors import UserError
 from jaxcourse.lm.configs import moe_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The lab as its CLI runs it, with a persistent compilation cache (a tmp dir here): the
+    programs the lab compiles twice (the MoE run resumed at each mark, the memory analysis of
+    the loop's step, the straight and the marked runs below) load instead. Off again after."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = [getattr(jax.config, k) for k in keys]
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla")))
+    jax.config.update(keys[1], 0.0)
+    jax_cache.reset_cache()
+    yield
+    for k, v in zip(keys, old):
+        jax.config.update(k, v)
+    jax_cache.reset_cache()
 
 
 def _run(tmp_path, name, *overrides):
@@ -54,6 +72,17 @@ def test_two_embedded_domains_share_one_vocabulary():
     assert text.count(" the ") > 5  # English prose, not code
     with pytest.raises(UserError, match="needs two or more"):
         ch7.load_domains(config.derive(cfg, {"lm.domains": "stdlib"}))
+
+
+def test_domain_curriculum_batches_come_from_one_domain_first():
+    parts = [np.zeros(500, np.int32), np.ones(300, np.int32)]
+    data = pipeline.mixture_batches(parts, 8, 16, 0, pure_steps=3)
+    for step, domain in ((0, 0), (1, 1), (2, 0)):
+        np.testing.assert_array_equal(data[step]["inputs"], domain)
+    later = np.concatenate([data[s]["inputs"] for s in range(3, 9)])
+    assert 0 < later.mean() < 1  # the mixture from step 3 on ...
+    plain = pipeline.lm_batches(np.concatenate(parts), 8, 16, 0)
+    np.testing.assert_array_equal(data[5]["inputs"], plain[5]["inputs"])  # ... the plain one
 
 
 def test_snapshot_marks_train_like_one_straight_run(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from jaxcourse.errors import UserError
 from jaxcourse.models import aux_losses, moe_routing as routing
-from jaxcourse.models.moe import STATE, MoEOptions
+from jaxcourse.models.moe import STATE, MoEOptions, block_layout
 from jaxcourse.lm import lm_loss
 from jaxcourse.models.transformer import GPT, gpt_config, model_section
 from jaxcourse.parallel import make_mesh
@@ -90,16 +90,30 @@ def test_expert_choice_gives_every_expert_exactly_its_capacity():
     np.testing.assert_allclose(combine.sum(-1), probs * dispatch.any(-1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_dense_and_ragged_dropless_are_the_same_function(activation):
+@pytest.mark.parametrize("impl,activation", [("ragged", "gelu"), ("ragged", "swiglu"),
+                                             ("blocked", "gelu"), ("blocked", "swiglu")])
+def test_dense_and_sorted_dropless_are_the_same_function(impl, activation):
     dense = _cfg(capacity_factor=0.0, activation=activation)
-    ragged = _cfg(capacity_factor=0.0, impl="ragged", activation=activation)
+    # block 3: experts' last blocks part-filled, some blocks past the last expert's
+    ragged = _cfg(capacity_factor=0.0, impl=impl, activation=activation, block=3)
     params, tokens = _params(dense), _tokens()
     (a, _), ga = jax.value_and_grad(lambda p: _loss(dense, p, tokens), has_aux=True)(params)
     (b, _), gb = jax.value_and_grad(lambda p: _loss(ragged, p, tokens), has_aux=True)(params)
     np.testing.assert_allclose(a, b, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_block_layout_puts_each_assignment_in_a_block_of_its_expert():
+    experts = jnp.array([[[2, 0], [2, 1], [0, 2], [2, 0], [3, 2]]])  # expert 1: 1, 3: 1
+    dest, expert_of_block = block_layout(experts, 4, 2)
+    flat = np.asarray(experts).reshape(-1)
+    assert len(set(np.asarray(dest).tolist())) == flat.size  # one row each
+    np.testing.assert_array_equal(np.asarray(expert_of_block)[np.asarray(dest) // 2], flat)
+    # sizes 3, 1, 5, 1 -> blocks 2, 1, 3, 1 (7 of the static 5 + 4 = 9), each expert's in
+    # assignment order
+    np.testing.assert_array_equal(expert_of_block, [0, 0, 1, 2, 2, 2, 3, 3, 3])
+    np.testing.assert_array_equal(dest[flat == 2], [6, 7, 8, 9, 10])
 
 
 def test_pallas_equals_ragged_values_and_grads():

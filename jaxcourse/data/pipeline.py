@@ -81,3 +81,17 @@ def lm_batches(tokens, batch_size: int, context: int, seed: int,
         return {"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}
 
     return grain.MapDataset.range(sys.maxsize).map(window)
+
+
+def mixture_batches(parts, batch_size: int, context: int, seed: int,
+                    pure_steps: int = 0) -> grain.MapDataset:
+    """`lm_batches` over the concatenated corpora `parts`, except that each of the first
+    `pure_steps` batches comes from one part alone, the parts in turn (a domain curriculum:
+    chapter 7 routes single-domain batches first)."""
+    mixed = lm_batches(np.concatenate(parts), batch_size, context, seed)
+    pure = [lm_batches(p, batch_size, context, seed) for p in parts] if pure_steps else []
+
+    def pick(step):
+        return pure[step % len(pure)][step] if step < pure_steps else mixed[step]
+
+    return grain.MapDataset.range(sys.maxsize).map(pick)

@@ -163,10 +163,12 @@ def moe_config(preset: str) -> ml_collections.ConfigDict:
     m.n_experts = 8
     m.top_k = 2
     m.d_expert = 256          # 2 experts of 256 = the dense twin's d_ff 512 (4 * d_model)
-    # Dropless (every token reaches its k experts) through the dense dispatch, which expert
-    # parallelism needs. With capacity 1.25 the MoE dropped 3.8% of the tokens and lost to
-    # the dense twin (val 1.210 vs 1.181); dropless it wins (1.141). The ablation has both.
+    # Dropless (every token reaches its k experts) on expert-sorted blocks: on CPU 5x faster
+    # than the dense dispatch dropless (benchmarks/moe_train.py), which expert parallelism
+    # needs (ch7 checks that with impl=dense). With capacity 1.25 the MoE dropped 3.8% of the
+    # tokens and lost to the dense twin (val 1.210 vs 1.181); dropless it wins (1.141).
     m.capacity_factor = 0.0
+    m.impl = "blocked"
     m.groups = 16             # one group per sequence of the batch (capacity is per group)
     cfg.lm = {
         "domains": "stdlib,pydoc",  # embedded corpora (or text files), one per domain
@@ -177,9 +179,11 @@ def moe_config(preset: str) -> ml_collections.ConfigDict:
         "analysis_tokens": 8192,    # per domain, for the routing figures
         "snapshots": 4,             # looks inside the MoE run at 4 points of training
         "aux_weights": {"load_balance": 0.01, "z_loss": 0.001},
+        "curriculum": 0.0,          # this share of the steps: single-domain batches first
     }
-    cfg.ablation = {"variants": "base,top1,shared_top1,capacity_1.25,capacity_1.0,ragged,"
-                                "no_balance_loss,no_z_loss,aux_free_bias"}
+    cfg.ablation = {"variants": "base,top1,shared_top1,capacity_1.25,capacity_1.0,dense,ragged,"
+                                "no_balance_loss,no_z_loss,aux_free_bias",
+                    "per_domain": False}  # each variant's val loss per domain too
     t = cfg.train
     t.steps = 1200
     t.batch_size = 16

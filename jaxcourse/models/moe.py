@@ -11,6 +11,11 @@ implementations compute the same function behind `impl`:
               matmul each (`lax.ragged_dot`), unsorted and weighted.
     "pallas"  the same dropless path with both grouped matmuls through the Mosaic GPU kernel
               `pallas_kernels.grouped_matmul` on a GPU; elsewhere its ragged_dot reference.
+    "blocked" dropless, MegaBlocks-style: each expert's assignments fill whole blocks of
+              `block` rows (its last block zero-padded), and both matmuls are one batched
+              matmul over the blocks, each block with its expert's weights. At most
+              T*k + E*(block-1) rows of work, where a CPU's ragged_dot does every expert
+              for every row; the fast dropless path on CPU.
 With an `expert` mesh axis > 1 the dense path runs the experts with `all_to_all` dispatch
 (parallel/expert.py): each device holds E/n experts and its own token groups.
 
@@ -31,7 +36,7 @@ from jaxcourse.models.layers import MLP, partitioned
 from jaxcourse.parallel.expert import AXIS, expert_parallel
 
 ROUTERS = ("topk", "expert_choice")
-IMPLS = ("dense", "ragged", "pallas")
+IMPLS = ("dense", "ragged", "pallas", "blocked")
 STATE = "router_state"  # aux-loss-free balancing bias: model state, not a parameter
 
 
@@ -44,7 +49,8 @@ class MoEOptions:
     router: str = "topk"           # topk | expert_choice
     softmax: str = "before"        # before | after the top-k selection (topk router)
     capacity_factor: float = 1.25  # Slots per expert = factor * T * k / E; <= 0: dropless.
-    impl: str = "dense"            # dense | ragged | pallas (both dropless grouped matmuls)
+    impl: str = "dense"            # dense | ragged | pallas | blocked (the last 3 dropless)
+    block: int = 64                # Rows per block of impl=blocked.
     groups: int = 1                # Token groups (capacity is per group; expert parallelism
                                    # needs a multiple of the expert axis).
     jitter: float = 0.0            # Multiplicative router-input noise while training (Switch).
@@ -64,6 +70,8 @@ class MoEOptions:
                 bad(key, f"is not one of {', '.join(choices)}")
         if self.impl != "dense" and (self.capacity_factor > 0 or self.router != "topk"):
             bad("impl", "is dropless top-k routing: set capacity_factor<=0 and router=topk")
+        if self.block < 1:
+            bad("block", "must be >= 1")
         if self.groups < 1 or self.d_expert < 0 or self.n_shared < 0:
             bad("groups", "must be >= 1 (and d_expert, n_shared >= 0)")
         if self.jitter < 0 or self.bias_rate < 0:
@@ -158,7 +166,8 @@ class MoE(nn.Module):
         self.sow("intermediates", "experts", chosen)
         if o.impl != "dense":
             aux_losses.sow_metric(self, "dropped_fraction", 0.0)
-            return _ragged(x_GxTxD, weights, chosen, experts, o)
+            dropless = _blocked if o.impl == "blocked" else _ragged
+            return dropless(x_GxTxD, weights, chosen, experts, o)
         cap = routing.capacity(x_GxTxD.shape[1], o.n_experts, o.top_k, o.capacity_factor)
         dispatch, combine, kept = routing.dispatch_combine(weights, chosen, o.n_experts, cap)
         aux_losses.sow_metric(self, "dropped_fraction", 1.0 - kept.mean())
@@ -193,6 +202,52 @@ def _grouped_matmul(impl: str):
     if jax.default_backend() == "gpu":
         return lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, interpret=False)
     return grouped_matmul_reference
+
+
+def block_layout(experts_GxTxK, n_experts: int, block: int):
+    """Where impl=blocked puts each of the A = T*k assignments: (dest_A, the row in the
+    [N*block] buffer; expert_N, the expert of each of the N blocks). Assignment a takes row
+    rank_a of its expert's blocks (no sort: a one-hot cumsum ranks it); N is the static bound
+    ceil(A / block) + E on sum_e ceil(size_e / block), and the blocks past the last expert's
+    (all zeros) take the last expert, whose weights give them zero output."""
+    expert_A = experts_GxTxK.reshape(-1)
+    onehot_AxE = jax.nn.one_hot(expert_A, n_experts, dtype=jnp.int32)
+    rank_A = jnp.take_along_axis(jnp.cumsum(onehot_AxE, axis=0), expert_A[:, None], 1)[:, 0] - 1
+    blocks_E = (onehot_AxE.sum(axis=0) + block - 1) // block
+    end_E = jnp.cumsum(blocks_E)
+    dest_A = (end_E - blocks_E)[expert_A] * block + rank_A
+    n_blocks = -(-expert_A.shape[0] // block) + n_experts
+    expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(n_blocks), side="right"),
+                           n_experts - 1)
+    return dest_A, expert_N
+
+
+def block_experts(params, x_NxBxD, expert_N, activation: str):
+    """The expert MLPs on the blocks, each block one batched matmul with its expert's weights."""
+    def matmul(z_NxBxK, w_ExKxF):
+        return jnp.einsum("nbk,nkf->nbf", z_NxBxK, w_ExKxF[expert_N])
+
+    h = matmul(x_NxBxD, params["w_in"])
+    if activation == "swiglu":
+        h = nn.silu(matmul(x_NxBxD, params["w_gate"])) * h
+    else:
+        h = nn.gelu(h)
+    return matmul(h, params["w_out"])
+
+
+def _blocked(x_GxTxD, weights_GxTxK, experts_GxTxK, params, o: MoEOptions):
+    """Dropless on expert-sorted blocks: scatter into the blocks, the experts, gather back."""
+    d = x_GxTxD.shape[-1]
+    k, b = o.top_k, o.block
+    x_TxD = x_GxTxD.reshape(-1, d)
+    dest_A, expert_N = block_layout(experts_GxTxK, o.n_experts, b)
+    x_NxBxD = (jnp.zeros((expert_N.shape[0] * b, d), x_TxD.dtype)
+               .at[dest_A].set(jnp.repeat(x_TxD, k, axis=0), unique_indices=True)
+               .reshape(-1, b, d))
+    out_AxD = block_experts(params, x_NxBxD, expert_N, o.activation).reshape(-1, d)[dest_A]
+    y_TxD = jnp.einsum("tk,tkd->td", weights_GxTxK.reshape(-1, k).astype(out_AxD.dtype),
+                       out_AxD.reshape(-1, k, d))
+    return y_TxD.reshape(x_GxTxD.shape)
 
 
 def _ragged(x_GxTxD, weights_GxTxK, experts_GxTxK, params, o: MoEOptions):

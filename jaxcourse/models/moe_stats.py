@@ -6,6 +6,7 @@ in layer order, whether the stack is a Python loop or an nn.scan.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -112,8 +113,14 @@ def active_params(model_cfg, params) -> int:
 def expert_parallel_check(model_cfg, params, batch) -> dict:
     """One batch's loss and gradients with the experts split over an `expert` mesh axis vs
     one device: the largest absolute difference, and the all_to_all bytes one device moves
-    per training step (dispatch + combine, forward and backward)."""
+    per training step (dispatch + combine, forward and backward). Expert parallelism is
+    the dense dispatch's: a model on a dropless sorted path (impl=blocked, ...) is checked
+    with the same parameters on impl=dense, the same function."""
     o = model_cfg.options_for("ffn", "moe")
+    if o.impl != "dense":
+        o = dataclasses.replace(o, impl="dense")
+        model_cfg = dataclasses.replace(model_cfg, options=tuple(
+            (k, o if k == "moe" else v) for k, v in model_cfg.options))
     n = 1
     while (n * 2 <= jax.device_count() and o.n_experts % (n * 2) == 0
            and o.groups % (n * 2) == 0):
