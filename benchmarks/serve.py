@@ -1,7 +1,7 @@
 """Serving throughput and latency: the engine behind the HTTP server vs one request at a time.
 
-    python benchmarks/serve.py [--model DIR] [--requests 32] [--clients 1,8,32] [--slots 8]
-                               [--max-tokens 48] [--out FILE.json]
+    python benchmarks/serve.py [--model DIR] [--requests 32] [--clients 1,8,32] [--slots 32]
+                               [--decode-steps 8] [--max-tokens 48] [--out FILE.json]
 
 The same `--requests` greedy completions (prompts of 8, 16 or 32 characters of the embedded
 stdlib corpus) are served four ways, one after the other:
@@ -11,11 +11,15 @@ stdlib corpus) are served four ways, one after the other:
                   C concurrent streaming clients (httpx.AsyncClient), each taking the next
                   request when its last one finished
 Reported: output tokens/s over the whole batch of requests (wall clock), p50 / p99 time to
-first token and inter-token latency as the clients see them (one SSE chunk per token: the
-model's tokenizer is character level), and the load average of the machine, since clients,
+first token and inter-token latency as the clients see them, and the load average of the machine, since clients,
 server and engine share its cores. Without --model, a random GPT of chapter 4's CPU size
 (4 layers, width 128, context 128) over the corpus's characters: speed does not depend on
 the weights.
+
+The engine streams each request's tokens of one decode call (--decode-steps of them) as one
+SSE chunk; the tokenizer is character level, so a client counts a chunk's characters as its
+tokens. Inter-token latency: each chunk's wait since the previous one, spread over its tokens
+(what a client reading tokens at a steady rate sees); "chunk gap" is the raw wait.
 """
 import argparse
 import asyncio
@@ -84,7 +88,7 @@ async def _clients(base, prompts, max_tokens, concurrency):
     import httpx
 
     todo = list(enumerate(prompts))
-    ttft, itl, tokens = [], [], 0
+    ttft, itl, gaps, tokens = [], [], [], 0
 
     async def client(http):
         nonlocal tokens
@@ -98,15 +102,20 @@ async def _clients(base, prompts, max_tokens, concurrency):
                     if not line.startswith("data: {"):
                         continue
                     now = time.perf_counter()
-                    if json.loads(line[6:])["choices"][0]["text"]:
-                        (ttft if last == sent else itl).append(now - last)
-                        tokens += 1
-                        last = now
+                    n = len(json.loads(line[6:])["choices"][0]["text"])
+                    if n and last == sent:
+                        ttft.append(now - last)
+                        itl.extend([0.0] * (n - 1))  # tokens that came with the first
+                    elif n:
+                        gaps.append(now - last)
+                        itl.extend([(now - last) / n] * n)
+                    tokens += n
+                    last = now if n else last
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    return time.perf_counter() - start, tokens, ttft, itl
+    return time.perf_counter() - start, tokens, ttft, itl, gaps
 
 
 def _served(cfg, params, tok, prompts, args):
@@ -115,7 +124,8 @@ def _served(cfg, params, tok, prompts, args):
     from jaxcourse.serve.server import ServerThread, make_app
 
     engine = Engine(cfg, params, slots=args.slots, block_size=args.block_size,
-                    decode_text=tok.decode, metrics=ServeMetrics())
+                    decode_steps=args.decode_steps, decode_text=tok.decode,
+                    metrics=ServeMetrics())
     engine.warmup()
     reqs = [Request(tok.encode(q), SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
             for q in prompts]
@@ -132,12 +142,14 @@ def _served(cfg, params, tok, prompts, args):
     try:
         asyncio.run(_clients(base, prompts[:2], 4, 2))  # the HTTP path's first calls
         for c in args.clients:
-            seconds, tokens, ttft, itl = asyncio.run(_clients(base, prompts, args.max_tokens, c))
+            seconds, tokens, ttft, itl, gaps = asyncio.run(
+                _clients(base, prompts, args.max_tokens, c))
             ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 2) if xs else None
             rows.append({"mode": f"http, {args.slots} slots", "clients": c, "seconds": seconds,
                          "tokens": tokens, "tokens_per_second": tokens / seconds,
                          "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
-                         "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99)})
+                         "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99),
+                         "gap_p50_ms": ms(gaps, 50), "gap_p99_ms": ms(gaps, 99)})
             print(rows[-1], flush=True)
     finally:
         server.stop()
@@ -150,7 +162,8 @@ def main():
     p.add_argument("--model", default="")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--clients", default="1,8,32")
-    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--out", default="")
@@ -167,13 +180,17 @@ def main():
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {os.cpu_count()} cores, "
           f"load average before {load[:3]}, after {load[3:]}; model {args.model or 'random'} "
           f"{cfg.n_layer}x{cfg.d_model}, context {cfg.context}; {args.requests} requests, "
-          f"prompts of 8/16/32 tokens, {args.max_tokens} new tokens each, greedy\n")
-    print("| mode | clients | output tokens/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
-    print("|---|---|---|---|---|")
+          f"prompts of 8/16/32 tokens, {args.max_tokens} new tokens each, greedy; "
+          f"{args.decode_steps} tokens per decode call\n")
+    print("| mode | clients | output tokens/s | vs one at a time | TTFT p50 / p99 ms "
+          "| inter-token p50 / p99 ms | chunk gap p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         lat = lambda a, b: f"{r[a]} / {r[b]}" if a in r else "-"
-        print(f"| {r['mode']} | {r['clients']} | {r['tokens_per_second']:.0f} | "
-              f"{lat('ttft_p50_ms', 'ttft_p99_ms')} | {lat('itl_p50_ms', 'itl_p99_ms')} |")
+        ratio = r["tokens_per_second"] / rows[0]["tokens_per_second"]
+        print(f"| {r['mode']} | {r['clients']} | {r['tokens_per_second']:.0f} | {ratio:.2f}x | "
+              f"{lat('ttft_p50_ms', 'ttft_p99_ms')} | {lat('itl_p50_ms', 'itl_p99_ms')} | "
+              f"{lat('gap_p50_ms', 'gap_p99_ms')} |")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"load_average": load, "rows": rows},
                                                      indent=1))

@@ -1,7 +1,7 @@
 """The tiny model and engine the serve tests share (same shapes: compiled once per process).
 
 A random 2-layer GPT with grouped-query attention, context 32, over 40 characters; an engine
-of 3 slots, blocks of 4 tokens and a pool of 16 blocks (two whole-context sequences at once).
+of 3 slots, 4 tokens per decode call, blocks of 4 tokens and a pool of 16 blocks (two whole-context sequences at once).
 """
 import string
 
@@ -24,6 +24,6 @@ def tiny_params():
 
 def tiny_engine(params, metrics=None) -> Engine:
     eng = Engine(CFG, params, slots=3, block_size=4, num_blocks=17, buckets=(8, 32),
-                 decode_text=TOK.decode, metrics=metrics)
+                 decode_steps=4, decode_text=TOK.decode, metrics=metrics)
     eng.warmup()
     return eng

@@ -135,8 +135,9 @@ def test_cancel_frees_the_slot(engine):
     engine.step()
     engine.cancel(rid)
     engine.step()
-    # Step 1: prefill (token 0) and a decode step (token 1); step 2: token 2; then cancelled.
-    assert [len(e.tokens) for e in events] == [1, 1, 1, 0]
+    # Step 1: prefill (token 0) and a decode chunk (tokens 1-4); step 2: tokens 5-8; then
+    # cancelled.
+    assert [len(e.tokens) for e in events] == [1, 4, 4, 0]
     assert events[-1].finish_reason == "cancelled"
     assert engine.allocator.in_use == 0 and not engine.has_work()
 

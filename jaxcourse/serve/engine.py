@@ -6,14 +6,22 @@ Kwon et al. 2023, "vLLM").
 
 A fixed number of decode slots; requests wait in a queue, join a free slot when its blocks
 can be reserved (paged_cache.BlockAllocator), are prefilled alone into that slot's blocks
-(prompts padded to a few bucket lengths), then advance one token per engine step together
-with every other running request, and leave as soon as they finish, freeing slot and blocks.
+(prompts padded to a few bucket lengths), then advance together with every other running request, `decode_steps` tokens
+per engine step, and leave as soon as they finish, freeing slot and blocks.
+
+One decode call produces `decode_steps` tokens for every slot (a `lax.scan` on device): small
+models are dispatch-bound, and one host round trip per token per batch cost more than the
+model itself (measured in BENCHMARKS.md). The call gathers each slot's blocks once into the
+dense cache layout of the attention mixer (models/attention.py), applies the GPT to one token
+per slot per scan step (vmapped over slots, each at its own position), samples on device,
+stops each slot at its own max_tokens (a per-slot limit, the rest of the chunk idles), and
+scatters the chunk's new keys and values back into the pool at the end. The host then reads
+the [steps, S] tokens once, applies stop strings and cancellations, and streams each
+request's new tokens as one event. Stop strings end a request at the token that completes
+them; tokens computed after it in the same chunk are dropped.
 
 Both compiled functions have static shapes (the slot count, the table width, the bucket
-lengths), so after `warmup()` a new request never compiles anything. They run the model's
-own modules: the decode step gathers each slot's blocks into the dense cache layout of the
-attention mixer (models/attention.py), applies the GPT to one token per slot (vmapped over
-slots, each at its own position) and scatters the new keys and values back into the pool.
+lengths, the chunk length), so after `warmup()` a new request never compiles anything.
 
 The engine is driven by `step()`; `start()` runs it in one background thread (the server),
 `complete()` runs it in the caller's thread (tests, benchmarks). `submit` and `cancel` are
@@ -50,9 +58,10 @@ class Engine:
     def __init__(self, model_cfg: GPTConfig, params, *, slots: int = 8, block_size: int = 16,
                  num_blocks: int = 0, buckets: tuple[int, ...] = (),
                  decode_text: Callable[[list[int]], str] | None = None, metrics=None,
-                 steps: tuple[Callable, Callable] | None = None):
-        """`steps`: (prefill, decode step) with the signatures of `_prefill` / `_decode_step`
-        less the model (serve/export.py's exported ones); then `model_cfg` need only carry
+                 decode_steps: int = 8, steps: tuple[Callable, Callable] | None = None):
+        """`decode_steps`: tokens per slot per decode call (latency of a new request's
+        admission vs dispatch cost). `steps`: (prefill, decode chunk) with the signatures of
+        `_prefill` / `_decode_chunk` less the model and the chunk length (serve/export.py's exported ones); then `model_cfg` need only carry
         context, n_layer, kv_heads, head_dim, compute_dtype and pattern, and no model module
         is imported. Default: the GPT's own jitted steps."""
         if any(kind != "attention" for kind in model_cfg.pattern):
@@ -67,6 +76,9 @@ class Engine:
         if self.buckets[-1] > model_cfg.context or self.buckets[0] < 1:
             raise UserError(f"serve: buckets {self.buckets} must lie in 1..context "
                             f"{model_cfg.context}")
+        if decode_steps < 1:
+            raise UserError(f"serve: decode_steps={decode_steps} must be >= 1")
+        self.decode_steps = decode_steps
         self.decode_text = decode_text
         self.metrics = metrics
         if metrics is not None:
@@ -87,7 +99,7 @@ class Engine:
             # Shared by engines of one model config: their compiled steps are reused.
             self.model = GPT(model_cfg)
             steps = (functools.partial(_prefill_jit, self.model),
-                     functools.partial(_decode_step_jit, self.model))
+                     functools.partial(_decode_chunk_jit, self.model, decode_steps))
         self.prefill_fn, self.step_fn = steps
 
     # ---- the thread-safe interface ------------------------------------------------------
@@ -138,12 +150,12 @@ class Engine:
     # ---- driving it ----------------------------------------------------------------------
 
     def warmup(self) -> None:
-        """Compiles the decode step and one prefill per bucket (writes go to scratch)."""
+        """Compiles the decode chunk and one prefill per bucket (writes go to scratch)."""
         s, m = self.tables.shape
         zeros = np.zeros(s, np.int32)
-        self.pool, _ = self.step_fn(self.params, self.pool, self.tables, zeros, zeros,
-                                    zeros.astype(np.float32), zeros, np.ones(s, np.float32),
-                                    zeros, zeros)
+        self.pool, _ = self.step_fn(self.params, self.pool, self.tables, zeros, zeros, zeros,
+                                    zeros, zeros.astype(np.float32), zeros,
+                                    np.ones(s, np.float32), zeros)
         for t in self.buckets:
             self.pool, _ = self.prefill_fn(self.params, self.pool, np.zeros((1, t), np.int32),
                                            np.int32(0), np.zeros(m, np.int32), *_scalars())
@@ -153,14 +165,14 @@ class Engine:
     def compilations() -> int:
         """Compiled variants of the two step functions, over all engines of this process
         (constant after warmup)."""
-        return _prefill_jit._cache_size() + _decode_step_jit._cache_size()
+        return _prefill_jit._cache_size() + _decode_chunk_jit._cache_size()
 
     def has_work(self) -> bool:
         with self._cond:
             return bool(self._waiting or self._cancelled) or any(self.running)
 
     def step(self) -> None:
-        """Cancellations, admissions (each one prefill), then one decode step."""
+        """Cancellations, admissions (each one prefill), then one decode chunk."""
         self._handle_cancelled()
         self._admit()
         self._decode()
@@ -238,7 +250,7 @@ class Engine:
                 *_scalars(p.temperature, p.top_k, p.top_p, run.seed))
             if self.metrics is not None:
                 self.metrics.prompt(n)
-            self._emit(slot, int(first))
+            self._emit(slot, [int(first)])
 
     def _grow(self, slot: int, n_positions: int) -> None:
         """Takes blocks until the slot holds n_positions."""
@@ -253,57 +265,65 @@ class Engine:
         active = [i for i, r in enumerate(self.running) if r is not None]
         if not active:
             return
-        s = len(self.running)
+        s, steps = len(self.running), self.decode_steps
         tokens, positions = np.zeros(s, np.int32), np.zeros(s, np.int32)
+        counters, limits = np.zeros(s, np.int32), np.zeros(s, np.int32)
         temp, top_k = np.zeros(s, np.float32), np.zeros(s, np.int32)
-        top_p, seeds, counters = np.ones(s, np.float32), np.zeros(s, np.int32), np.zeros(s, np.int32)
+        top_p, seeds = np.ones(s, np.float32), np.zeros(s, np.int32)
         for i in active:
             run = self.running[i]
-            self._grow(i, run.length + 1)
+            self._grow(i, run.length + min(steps, run.max_tokens - len(run.generated)))
             p = run.req.params
             tokens[i], positions[i] = run.generated[-1], run.length
-            temp[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-            seeds[i], counters[i] = run.seed, len(run.generated)
-        self.pool, nxt = self.step_fn(self.params, self.pool, self.tables, tokens, positions,
-                                      temp, top_k, top_p, seeds, counters)
-        nxt = np.asarray(nxt)
+            counters[i], limits[i] = len(run.generated), run.max_tokens
+            temp[i], top_k[i], top_p[i], seeds[i] = p.temperature, p.top_k, p.top_p, run.seed
+        self.pool, out_KxS = self.step_fn(self.params, self.pool, self.tables, tokens,
+                                          positions, counters, limits, temp, top_k, top_p,
+                                          seeds)
+        out_KxS = np.asarray(out_KxS)
         for i in active:
-            self.running[i].length += 1
-            self._emit(i, int(nxt[i]))
+            run = self.running[i]
+            n = min(steps, run.max_tokens - len(run.generated))
+            run.length += n
+            self._emit(i, out_KxS[:n, i].tolist())
 
-    def _emit(self, slot: int, token: int) -> None:
+    def _emit(self, slot: int, tokens: list[int]) -> None:
+        """Streams a slot's new tokens as one event (up to a stop string or max_tokens)."""
         run = self.running[slot]
         now = time.perf_counter()
-        if self.metrics is not None:
+        if self.metrics is not None:  # inter-token: the delivery's wait over its tokens
             first = not run.generated
-            self.metrics.token(now - (run.req.arrival if first else run.last_time), first)
+            wait = now - (run.req.arrival if first else run.last_time)
+            for _ in tokens:
+                self.metrics.token(wait if first else wait / len(tokens), first)
         run.last_time = now
-        run.generated.append(token)
-        stops = run.req.params.stop
-        if self.decode_text is None:
-            done = len(run.generated) >= run.max_tokens
-            _send(run.req, Event([token], "", "length" if done else None))
-            if done:
-                self._finish(slot, "length", send=False)
-            return
-        text = self.decode_text(run.generated)
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:  # the text ends before the earliest stop string, which is not sent
-            cut = min(hits)
-            _send(run.req, Event([token], text[run.emitted:max(cut, run.emitted)], "stop"))
-            self._finish(slot, "stop", send=False)
-            return
-        if len(run.generated) >= run.max_tokens:
-            _send(run.req, Event([token], text[run.emitted:], "length"))
-            self._finish(slot, "length", send=False)
-            return
-        # Hold back what could be the start of a stop string, or half a UTF-8 character.
-        safe = len(text) - max((len(s) - 1 for s in stops), default=0)
-        while safe > run.emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
-        safe = max(safe, run.emitted)
-        _send(run.req, Event([token], text[run.emitted:safe]))
-        run.emitted = safe
+        stops, text, reason, sent = run.req.params.stop, "", None, []
+        for token in tokens:
+            run.generated.append(token)
+            sent.append(token)
+            if self.decode_text is None:
+                if len(run.generated) >= run.max_tokens:
+                    reason = "length"
+                    break
+                continue
+            text = self.decode_text(run.generated)
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hits:  # the text ends before the earliest stop string, which is not sent
+                text, reason = text[:max(min(hits), run.emitted)], "stop"
+                break
+            if len(run.generated) >= run.max_tokens:
+                reason = "length"
+                break
+        if self.decode_text is not None and reason is None:
+            # Hold back what could be the start of a stop string, or half a UTF-8 character.
+            safe = len(text) - max((len(s) - 1 for s in stops), default=0)
+            while safe > run.emitted and text[safe - 1] == "\ufffd":
+                safe -= 1
+            text = text[:max(safe, run.emitted)]
+        _send(run.req, Event(sent, text[run.emitted:], reason))
+        run.emitted = max(run.emitted, len(text))
+        if reason is not None:
+            self._finish(slot, reason, send=False)
 
     def _finish(self, slot: int, reason: str, error: str = "", *, send: bool = True):
         """Frees the slot and its blocks; `send`: the last event (else already sent)."""
@@ -344,26 +364,49 @@ def _prefill(model, params, pool, tokens_1xT, length, table_M, temperature, top_
     return pool, token
 
 
-def _decode_step(model, params, pool, table_SxM, tokens_S, positions_S, temperature_S,
-                 top_k_S, top_p_S, seeds_S, counters_S):
-    """One token for every slot at its own position; free slots compute on scratch."""
+def _decode_chunk(model, steps, params, pool, table_SxM, tokens_S, positions_S, counters_S,
+                  limits_S, temperature_S, top_k_S, top_p_S, seeds_S):
+    """`steps` tokens for every slot, each from its last token at its own position; slot s
+    advances while counters_S[s] < limits_S[s] (tokens generated vs max_tokens), then idles.
+    Free slots (limit 0) compute on scratch. Returns (pool, tokens [steps, S])."""
     view = paged_cache.gather(pool, table_SxM)                         # [L, S, P, K, D]
+    n_layer = pool["k"].shape[0]
+    # The scan carries one slot-major [S, P, K, D] array per layer: carried as the stacked
+    # [L, S, ...] view, every step paid a transposed copy of the whole view (measured 2.3x
+    # slower at 8 slots).
+    layers = [jax.tree.map(lambda a, i=i: a[i], view) for i in range(n_layer)]
 
-    def one(view_slot, token, position):
-        layers = (jax.tree.map(lambda a: a[:, None], view_slot),)     # [L, 1, P, K, D]
+    def one(layers_slot, token, position):
+        stacked = jax.tree.map(lambda *a: jnp.stack(a)[:, None], *layers_slot)  # [L,1,P,K,D]
         logits, cache = model.apply({"params": params}, token[None, None],
-                                    cache={"layers": layers, "index": position})
+                                    cache={"layers": (stacked,), "index": position})
+        new = cache["layers"][0]
         kv = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a[:, 0], position, axis=1,
-                                                                 keepdims=False),
-                          cache["layers"][0])                          # [L, K, D]
-        return logits[0, 0], kv
+                                                                 keepdims=False), new)
+        return logits[0, 0], [jax.tree.map(lambda a, i=i: a[i, 0], new)
+                              for i in range(n_layer)], kv             # kv [L, K, D]
 
-    logits_SxV, kv = jax.vmap(one, in_axes=(1, 0, 0), out_axes=(0, 1))(
-        view, tokens_S, positions_S)
-    pool = paged_cache.write_token(pool, table_SxM, positions_S, kv)
-    keys = row_keys(seeds_S, counters_S)
-    return pool, sample_rows(logits_SxV, keys, temperature_S, top_k_S, top_p_S)
+    def step(carry, _):
+        layers, tokens_S, positions_S, counters_S = carry
+        logits_SxV, layers, kv = jax.vmap(one, out_axes=(0, 0, 1))(layers, tokens_S,
+                                                                   positions_S)
+        keys = row_keys(seeds_S, counters_S)
+        next_S = sample_rows(logits_SxV, keys, temperature_S, top_k_S, top_p_S)
+        active_S = counters_S < limits_S
+        step_S = active_S.astype(jnp.int32)
+        carry = (layers, jnp.where(active_S, next_S, tokens_S), positions_S + step_S,
+                 counters_S + step_S)
+        return carry, (next_S, kv, positions_S, active_S)
+
+    _, (tokens_KxS, kv, positions_KxS, active_KxS) = jax.lax.scan(
+        step, (layers, tokens_S, positions_S, counters_S), length=steps)
+    # The chunk's keys / values into the pool in one scatter: (step, slot) pairs as rows.
+    n = steps * table_SxM.shape[0]
+    kv = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], n, *a.shape[3:]), kv)
+    pool = paged_cache.write_token(pool, jnp.tile(table_SxM, (steps, 1)),
+                                   positions_KxS.reshape(n), kv, valid_S=active_KxS.reshape(n))
+    return pool, tokens_KxS
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
-_decode_step_jit = jax.jit(_decode_step, static_argnums=0, donate_argnums=2)
+_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0, 1), donate_argnums=3)

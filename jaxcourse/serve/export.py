@@ -8,7 +8,7 @@
     manifest.json        format, jax version, platform, cache and slot shapes, buckets,
                          tokenizer file, sampling defaults, parameter names / shapes / dtypes
     prefill_<T>.jaxexp   one prefill per prompt bucket T  (jax.export serialized bytes)
-    decode.jaxexp        the decode step of all slots
+    decode.jaxexp        the decode chunk of all slots (manifest: decode_steps tokens each)
     params.npz           the parameters, flat, by tree path (numpy, no pickle)
     tokenizer.json
 
@@ -36,7 +36,7 @@ import numpy as np
 from jaxcourse.errors import UserError
 from jaxcourse.serve.engine import Engine
 
-FORMAT = "jaxcourse-serve-export/1"
+FORMAT = "jaxcourse-serve-export/2"  # 2: the decode call is a chunk of decode_steps
 MANIFEST = "manifest.json"
 
 
@@ -62,7 +62,7 @@ class ExportedConfig:
 def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None = None) -> None:
     """Writes the engine's prefill (one per bucket) and decode step, its parameters, the
     tokenizer and the manifest to `out_dir` (validated and written in full, or refused)."""
-    from jaxcourse.serve.engine import _decode_step, _prefill  # noqa: PLC0415
+    from jaxcourse.serve.engine import _decode_chunk, _prefill  # noqa: PLC0415
 
     out = pathlib.Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
@@ -86,9 +86,10 @@ def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None =
             [spec(a) for a in leaves], pool_spec, sd((1, t), i32), sd((), i32), sd((m,), i32),
             sd((), f32), sd((), i32), sd((), f32), sd((), i32))
         files[f"prefill_{t}"] = _write(out / f"prefill_{t}.jaxexp", exp.serialize())
-    exp = jax.export.export(jax.jit(with_tree(_decode_step)))(
-        [spec(a) for a in leaves], pool_spec, sd((s, m), i32), *[sd((s,), i32)] * 2,
-        sd((s,), f32), sd((s,), i32), sd((s,), f32), *[sd((s,), i32)] * 2)
+    chunk = lambda model, *a: _decode_chunk(model, engine.decode_steps, *a)  # noqa: E731
+    exp = jax.export.export(jax.jit(with_tree(chunk)))(
+        [spec(a) for a in leaves], pool_spec, sd((s, m), i32), *[sd((s,), i32)] * 4,
+        sd((s,), f32), sd((s,), i32), sd((s,), f32), sd((s,), i32))
     files["decode"] = _write(out / "decode.jaxexp", exp.serialize())
     np.savez(out / "params.npz", **{name: np.asarray(a) for name, a in named})
     tok.save(out / "tokenizer.json")
@@ -99,6 +100,7 @@ def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None =
                   "head_dim": c.head_dim, "vocab_size": c.vocab_size,
                   "dtype": jnp.dtype(c.compute_dtype).name},
         "engine": {"slots": s, "block_size": engine.layout.block_size,
+                   "decode_steps": engine.decode_steps,
                    "num_blocks": engine.layout.num_blocks, "buckets": list(engine.buckets)},
         "tokenizer": {"file": "tokenizer.json", "kind": type(tok).__name__,
                       "vocab_size": c.vocab_size},
@@ -151,7 +153,7 @@ def load_exported(export_dir, *, metrics=None):
     decode = jax.jit(calls["decode"].call, donate_argnums=1)
     eng = Engine(cfg, flat, slots=eng_cfg["slots"], block_size=eng_cfg["block_size"],
                  num_blocks=eng_cfg["num_blocks"], buckets=buckets, decode_text=tok.decode,
-                 metrics=metrics, steps=(prefill, decode))
+                 metrics=metrics, decode_steps=eng_cfg["decode_steps"], steps=(prefill, decode))
     eng.sampling_defaults = man.get("sampling_defaults", {})
     eng.warmup()
     return eng, tok

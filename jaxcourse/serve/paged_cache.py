@@ -79,10 +79,13 @@ def gather(pool: dict, table_SxM) -> dict:
     return jax.tree.map(one, pool)
 
 
-def write_token(pool: dict, table_SxM, positions_S, kv: dict) -> dict:
-    """Writes one token per slot, kv {"k", "v": [L, S, K, D]}, at its position."""
+def write_token(pool: dict, table_SxM, positions_S, kv: dict, valid_S=None) -> dict:
+    """Writes one token per row, kv {"k", "v": [L, S, K, D]}, at its position; rows where
+    `valid_S` is False go to the scratch block."""
     bs = pool["k"].shape[2]
     blocks_S = jnp.take_along_axis(table_SxM, (positions_S // bs)[:, None], axis=1)[:, 0]
+    if valid_S is not None:
+        blocks_S = jnp.where(valid_S, blocks_S, SCRATCH)
     offsets_S = positions_S % bs
     return {name: pool[name].at[:, blocks_S, offsets_S].set(kv[name].astype(pool[name].dtype))
             for name in pool}

@@ -21,8 +21,12 @@ def row_keys(seeds_S, counters_S):
 
 
 def sample_rows(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
-    """One token per row, each row with its own key and settings ([S] arrays)."""
-    return jax.vmap(_sample_one)(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S)
+    """One token per row, each row with its own key and settings ([S] arrays). A batch of
+    greedy rows only skips the sorts and draws (the same tokens: _sample_one's argmax)."""
+    return jax.lax.cond(
+        jnp.any(temperature_S > 0),
+        lambda: jax.vmap(_sample_one)(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S),
+        lambda: jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32))
 
 
 def filtered_logits(logits_V, temperature, top_k, top_p):
