@@ -44,8 +44,10 @@ def test_mixers_lab_trains_and_measures_decode_cost(tmp_path):
     mixer's decode-equals-forward and the Mamba LM's learning are tests of their own
     (test_ssm.py, test_rwkv_retnet.py)."""
     names = ("attention", "rwkv", "hybrid")
-    workdir, m = _run(tmp_path, "mixers", f"--config.lab.models={','.join(names)}")
-    contexts = (8, 32)
+    # one decode context: the growth with the context is checked above, shapes only
+    workdir, m = _run(tmp_path, "mixers", f"--config.lab.models={','.join(names)}",
+                      "--config.decode.contexts=(16,)")
+    contexts = (16,)
     for name in names:
         keys = ["val_loss", "tokens_per_second", "params", "d_ff",
                 *[f"{k}@{c}" for k in ("decode_ms", "state_bytes") for c in contexts]]
@@ -55,8 +57,7 @@ def test_mixers_lab_trains_and_measures_decode_cost(tmp_path):
         # every model learned something in 10 steps: below the uniform loss ln V
         assert m[f"{name}/val_loss"] < m["uniform_loss"] - 0.02, (name, m[f"{name}/val_loss"])
         assert abs(m[f"{name}/params"] / m["attention/params"] - 1) < 0.15, name
-    assert m["attention/state_bytes@32"] > m["attention/state_bytes@8"]
-    assert m["rwkv/state_bytes@32"] == m["rwkv/state_bytes@8"]
+    assert m["attention/state_bytes@16"] > m["rwkv/state_bytes@16"]  # at 16 tokens already
     for png in ("val_loss.png", "decode_cost.png"):
         assert (workdir / png).stat().st_size > 10_000, png
     assert "| rwkv |" in (workdir / "results.md").read_text()

@@ -19,6 +19,10 @@ gradients):
                    loops; on the 2-core CPU a 4-layer Mamba LM step (d_model 128, state 16,
                    context 64, batch 12) took 384 ms with chunk 8 against 455 ms with an
                    associative scan inside the chunk and ~890 ms with "associative".
+    "analytic"     a time-major lax.scan that keeps every state [L, B, D, N] and a
+                   hand-written backward (`jax.custom_vjp`): the adjoint recurrence is the
+                   same scan run backwards in time, every gradient an elementwise product
+                   with the stored states. Memory grows with L like "associative".
 
 "pallas" calls `pallas_kernels.selective_scan` (Mosaic GPU forward and backward kernels).
 Off a GPU it runs in the Mosaic GPU interpreter: correct but slow.
