@@ -10,6 +10,7 @@ import pytest
 from jaxcourse.errors import UserError
 from jaxcourse.models import decode, ssm, ssm_scan
 from jaxcourse.lm import lm_loss
+from jaxcourse.lm.params import abstract_params, count_params
 from jaxcourse.models.transformer import GPT, GPTConfig, gpt_config, model_section
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -79,7 +80,7 @@ def test_selective_scan_impls_agree_in_values_and_gradients(groups):
         return y, last, grads
 
     ref = run("sequential")
-    for impl in ("associative", "chunked"):
+    for impl in ("associative", "chunked", "analytic"):
         got = run(impl)
         np.testing.assert_allclose(got[0], ref[0], **TOL)
         np.testing.assert_allclose(got[1], ref[1], **TOL)
@@ -236,3 +237,20 @@ def test_bad_scan_inputs_are_one_line_errors():
     x = jnp.zeros((1, 8, 2, 3))
     with pytest.raises(UserError, match="chunk=12 must be a positive power of two"):
         ssm.ssd(x, jnp.zeros((1, 8, 2)), jnp.zeros((1, 8, 1, 4)), jnp.zeros((1, 8, 1, 4)), 12)
+
+
+def test_ffn_none_gives_the_mamba_lm_blocks_mixer_only():
+    """model.ffn="none": blocks are x + mamba(norm(x)) only, the Mamba LM of the paper (and of
+    mamba.py, which benchmarks/mamba_train.py trains side by side): its parameter count."""
+    v, d, n, layers = 65, 128, 16, 4
+    cfg = GPTConfig(vocab_size=v, context=64, n_layer=layers, d_model=d, mixer="mamba",
+                    ffn="none", pos="none", tie_embeddings=False)
+    params = abstract_params(cfg)
+    assert set(params["blocks"]["layer_0"]) == {"mamba", "mamba_norm"}
+    e, r, k = 2 * d, d // 16, 4  # expand 2, dt_rank ceil(d / 16), conv width 4
+    per_layer = (d + d * 2 * e + k * e + e + e * (r + 2 * n) + r * e + e + e * n + e
+                 + e * d)
+    assert count_params(params) == v * d + layers * per_layer + d + d * v
+    logits = jax.eval_shape(lambda p: GPT(cfg).apply({"params": p}, jnp.zeros((2, 8), int)),
+                            params)  # traced, not compiled
+    assert logits.shape == (2, 8, v)

@@ -82,6 +82,8 @@ class Block(nn.Module):
                 x_BxTxD, lambda h: cross(h, side["positions"], context_BxSxD=side["context"],
                                          kv_valid=side["context_valid"])[0],
                 "cross_attention")
+        if getattr(registry.lookup("ffn", c.ffn), "skip", False):  # model.ffn="none"
+            return nn.with_logical_constraint(x_BxTxD, BOUNDARY), new_cache[0]
         ffn = _sublayer(c, "ffn", c.ffn, deterministic=self.deterministic)
         if not stateful_ffn:
             x_BxTxD = self._residual(x_BxTxD, ffn, ffn.name)

@@ -226,6 +226,20 @@ class Embed(nn.Module):
         return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(self.dtype))
 
 
+class NoFFN(nn.Module):
+    """`model.ffn="none"`: the block has no feed-forward sublayer (nor its norm), as in the
+    Mamba LM, whose blocks are x + mixer(norm(x)) only."""
+    skip = True
+
+    @classmethod
+    def from_config(cls, cfg, options=None, *, name, deterministic=True):
+        del cfg, options, deterministic
+        return cls(name=name)
+
+    def __call__(self, x_BxTxD):
+        return x_BxTxD
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: GELU MLP, or SwiGLU (Shazeer 2020) with a gate branch."""
     d_model: int

@@ -46,6 +46,7 @@ FFNS: dict[str, str | type] = {
     "swiglu": "jaxcourse.models.layers:SwiGLU",
     "moe": "jaxcourse.models.moe:MoE",
     "rwkv_cmix": "jaxcourse.models.rwkv:RWKVChannelMix",
+    "none": "jaxcourse.models.layers:NoFFN",       # mixer-only blocks (the Mamba LM's)
 }
 _TABLES = {"mixer": MIXERS, "ffn": FFNS}
 

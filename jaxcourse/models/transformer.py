@@ -50,7 +50,7 @@ class GPTConfig:
     mixer: str = "attention"       # The token mixer of every block (models/registry.py).
     layer_pattern: str = ""        # "attention,mamba,mamba": mixers repeated to n_layer
                                    # (hybrids); "" = `mixer` in every layer.
-    ffn: str = "mlp"               # mlp (GELU) | swiglu (models/registry.py).
+    ffn: str = "mlp"               # mlp (GELU) | swiglu | none (models/registry.py).
     dropout: float = 0.0
     norm: str = "rmsnorm"          # rmsnorm | layernorm
     norm_position: str = "pre"     # pre | post
