@@ -15,7 +15,7 @@ def get_config(preset: str = "cpu"):
     cfg.finetune = {"base": ""}  # a pretraining workdir, or "" to pretrain one here first
     cfg.compress = {
         "parts": ("quant", "attention", "distill"),
-        "qwix": False,  # True: add qwix's int8 row (pip install -e ".[quant]")
+        "qwix": False,  # True: add qwix's rows: its PTQ of each scheme it can do, its QAT
         "schemes": ("float32", "int8", "w8a8", "int4-g32", "int4-g64", "int4-g128"),
         "decode": {"batch_size": 1, "prompt_len": 8, "new_tokens": 48, "repeats": 3},
         "qat_scheme": "int4-g128",

@@ -258,8 +258,10 @@ def run_compress(cfg, workdir: pathlib.Path) -> dict:
     variants at equal parameters and a distilled student vs a hard-label one
     (compress.parts picks among quant, attention, distill)."""
     k = cfg.compress
-    for s in k.schemes:
+    for s in (*k.schemes, k.qat_scheme):
         qweights.check_scheme(s)
+    if k.qwix and "quant" in k.parts:
+        _check_qwix_qat(cfg)
     unknown = set(k.parts) - {"quant", "attention", "distill"}
     if unknown:
         raise UserError(f"unknown compress.parts {sorted(unknown)}; use quant, attention, distill")
@@ -295,12 +297,36 @@ def _quant_rows(cfg, workdir, model_cfg, params, val) -> list[dict]:
     f32 = dataclasses.replace(model_cfg, matmul="")  # float32 matmuls: the baseline row
     rows = [qeval.scheme_row(f32, params, s, False, val, k.decode) for s in k.schemes]
     rows += [qeval.scheme_row(f32, params, s, True, val, k.decode) for s in ("float32", "int8")]
-    if k.qwix:
-        rows.append(qeval.qwix_row(f32, params, val, k.decode))
     qat = qmodel.qat_task(lm_task(model_cfg), k.qat_scheme, init_params=params)
     qat_params = _short_run(cfg, workdir, "qat", qat, k.qat_steps, k.qat_lr)
     row = qeval.scheme_row(f32, qat_params, k.qat_scheme, False, val, k.decode)
-    return rows + [{**row, "scheme": f"{k.qat_scheme} after {k.qat_steps} QAT steps"}]
+    rows.append({**row, "scheme": f"{k.qat_scheme} after {k.qat_steps} QAT steps"})
+    return rows + (_qwix_rows(cfg, workdir, model_cfg, params, val) if k.qwix else [])
+
+
+def _check_qwix_qat(cfg) -> None:
+    """Before anything trains: qwix's QAT row needs a scheme qwix can do on this GPT."""
+    from jaxcourse.quant import qwix_ref  # noqa: PLC0415 (qwix is an optional dependency)
+    model_cfg = gpt_config(cfg.model, vocab_size=1)
+    if not qwix_ref.supports(model_cfg, cfg.compress.qat_scheme):
+        raise UserError(f"compress.qat_scheme={cfg.compress.qat_scheme} with compress.qwix: "
+                        f"qwix tiles int4 only within head_dim "
+                        f"{model_cfg.d_model // model_cfg.n_head}; use a smaller group")
+
+
+def _qwix_rows(cfg, workdir, model_cfg, params, val) -> list[dict]:
+    """qwix's PTQ of every scheme it can do here, and its QAT (QtProvider) of qat_scheme
+    with the same steps and lr as ours, deployed through its PTQ."""
+    from jaxcourse.quant import qwix_ref  # noqa: PLC0415 (qwix is an optional dependency)
+    k = cfg.compress
+    f32 = dataclasses.replace(model_cfg, matmul="")
+    rows = [qeval.qwix_row(f32, params, s, val, k.decode) for s in k.schemes
+            if qwix_ref.supports(f32, s)]
+    task = lm_task(model_cfg, module=qwix_ref.qat_module(model_cfg, k.qat_scheme))
+    task = dataclasses.replace(task, init=lambda rng, batch: (params, {}))
+    qat_params = _short_run(cfg, workdir, "qwix_qat", task, k.qat_steps, k.qat_lr)
+    row = qeval.qwix_row(f32, qat_params, k.qat_scheme, val, k.decode)
+    return rows + [{**row, "scheme": f"qwix {k.qat_scheme} after {k.qat_steps} QAT steps"}]
 
 
 def _attention_rows(cfg, workdir, model_cfg, val) -> list[dict]:

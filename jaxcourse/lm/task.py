@@ -33,7 +33,7 @@ def lm_loss(logits_BxTxV, targets_BxT, mask_BxT=None):
 
 
 def lm_task(model_cfg: GPTConfig, mesh=None, microbatches: int = 1,
-            aux_weights: Mapping[str, float] | None = None) -> Task:
+            aux_weights: Mapping[str, float] | None = None, module=None) -> Task:
     """Next-token prediction; batches hold "inputs" and "targets" [B, T] and optionally a
     "mask" [B, T] of the positions that count. With a mesh whose `pipeline` axis is > 1 the
     scanned block stack runs as a GPipe pipeline of `microbatches` microbatches (embedding
@@ -44,8 +44,10 @@ def lm_task(model_cfg: GPTConfig, mesh=None, microbatches: int = 1,
     `aux_weights` (missing names weigh 0); every auxiliary loss and metric is logged as
     `aux/<name>`. Only training adds them: the evaluation loss is the LM loss alone, so
     models with and without auxiliary losses compare. Non-parameter variables (e.g. the MoE
-    router's balancing bias) are the task's model state, updated by training steps only."""
-    model = GPT(model_cfg)
+    router's balancing bias) are the task's model state, updated by training steps only.
+    `module` replaces GPT(model_cfg) by a module with its parameters (e.g. the GPT under
+    qwix's quantized training, quant/qwix_ref.py)."""
+    model = GPT(model_cfg) if module is None else module
     weights = dict(aux_weights or {})
     piped = mesh is not None and mesh.shape["pipeline"] > 1
     if piped and not model_cfg.scan_layers:

@@ -24,11 +24,11 @@ def quantized_loss(model: QuantizedGPT, qparams, batches) -> float:
     return float(np.mean([_batch_loss(model, qparams, b) for b in batches]))
 
 
-def qwix_row(model_cfg, params, val, decode_cfg) -> dict:
-    """The int8 weight-only row under Google's qwix (quant/qwix_ref.py)."""
+def qwix_row(model_cfg, params, scheme: str, val, decode_cfg) -> dict:
+    """The row of `scheme` under Google's qwix PTQ (quant/qwix_ref.py)."""
     from jaxcourse.quant import qwix_ref  # noqa: PLC0415 (qwix is an optional dependency)
-    model, qparams = qwix_ref.qwix_int8(model_cfg, params)
-    return _row("qwix int8", model, qparams, model_cfg, "float32", val, decode_cfg)
+    model, qparams = qwix_ref.qwix_ptq(model_cfg, params, scheme)
+    return _row(f"qwix {scheme}", model, qparams, model_cfg, "float32", val, decode_cfg)
 
 
 def scheme_row(model_cfg, params, scheme: str, kv_int8: bool, val, decode_cfg) -> dict:
