@@ -1,7 +1,11 @@
 """Checkpointer: retention (the newest `keep` stay), integrity (checksums, finite values:
 a bad checkpoint is moved aside and the previous one used), one-line I/O errors."""
 import errno
+import os
+import subprocess
+import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -82,3 +86,19 @@ def test_all_bad_is_an_error_and_an_async_io_error_is_one_line(tmp_path, monkeyp
     monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", failed_write)
     with pytest.raises(UserError, match=r"cannot write a checkpoint in .*ckpt: .*\(EIO\)"):
         ckpt.wait()
+
+
+def test_a_checkpoint_sharded_over_8_devices_restores_in_a_1_device_process(tmp_path):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    w = jax.device_put(jnp.arange(16.0), jax.NamedSharding(mesh, jax.P("data")))
+    _saved(tmp_path, [{"w": w}])
+    code = ("import jax, jax.numpy as jnp, sys; from jaxcourse.train import Checkpointer; "
+            "t, _ = Checkpointer(sys.argv[1], keep=5).restore_latest("
+            "{'w': jax.ShapeDtypeStruct((16,), jnp.float32)}); "
+            "print(len(jax.devices()), float(t['w'].sum()))")
+    env = {**os.environ, "XLA_FLAGS": ""}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "120.0"]  # not taken for corrupt, nothing moved aside
+    assert [p.name for p in (tmp_path / "ckpt").iterdir() if "corrupt" in p.name] == []

@@ -151,6 +151,7 @@ def dequantize_params(qparams):
 
 
 def param_bytes(tree) -> int:
-    """Bytes of every array of a (quantized) tree, scales included."""
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+    """Bytes of every array of a (quantized) tree, scales included; sub-byte dtypes (qwix's
+    jnp.int4) count their bits, as packed storage would hold them."""
+    return sum(-(-int(np.prod(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8)
                for x in jax.tree.leaves(tree))

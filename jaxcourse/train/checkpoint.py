@@ -120,6 +120,7 @@ class Checkpointer:
             warnings.warn(f"skipping incomplete checkpoint {tmp} (the run stopped mid-save)")
         steps = sorted(self._mngr.all_steps(), reverse=True)
         want = tree_signature(abstract_tree)
+        abstract_tree = jax.tree.map(_on_this_machine, abstract_tree)
         for step in steps:
             try:
                 meta = self._mngr.restore(step, args=ocp.args.Composite(
@@ -144,6 +145,17 @@ class Checkpointer:
             raise UserError(f"no good checkpoint in {self.directory} (steps {steps} were moved "
                             "aside, see the warnings); run again to start afresh")
         return None
+
+
+def _on_this_machine(x):
+    """A target leaf without a sharding restores onto this process's first device: orbax
+    would otherwise rebuild the saving run's sharding, whose devices (a 2-device data mesh,
+    8 GPUs) this process may not have."""
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+        device = jax.local_devices()[0]
+        return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                    sharding=jax.sharding.SingleDeviceSharding(device))
+    return x
 
 
 def _verify(tree, meta: dict) -> str | None:
