@@ -1,8 +1,11 @@
-"""Chapter 5: multimodal transformers (so far: ViT on digits, ViT vs CNN).
+"""Chapter 5: multimodal transformers: ViT, ViT vs CNN, CLIP, MAE, DINO.
 
-    python -m jaxcourse.ch5                                    # ViT on the embedded digits
+    python -m jaxcourse.ch5                                    # every lab below, one summary
+    python -m jaxcourse.ch5 --config=configs/ch5_vit.py        # ViT on the embedded digits
     python -m jaxcourse.ch5 --config=configs/ch5_vit_vs_cnn.py # ViT vs chapter 2's ResNet
     python -m jaxcourse.ch5 --config=configs/ch5_clip.py       # CLIP / SigLIP on the scenes
+    python -m jaxcourse.ch5 --config=configs/ch5_mae.py        # MAE, probe, label fractions
+    python -m jaxcourse.ch5 --config=configs/ch5_dino.py       # DINO, k-NN vs random init
 
 Lab: a Vision Transformer (models/vit.py: patches as a conv or a reshape, class token or
 mean pooling, learned or 2-D sin-cos positions, the shared non-causal block stack) trained
@@ -29,7 +32,7 @@ from jaxcourse.models.classifier import ClassifierConfig, build_classifier
 from jaxcourse.models.vit import ViT, ViTClassifier, attention_maps, attention_rollout, vit_config
 from jaxcourse.report import markdown_table, write_results
 from jaxcourse.train import train
-from jaxcourse.vision import contrastive, plots
+from jaxcourse.vision import contrastive, plots, selfsup
 from jaxcourse.vision import task as task_lib
 
 
@@ -101,13 +104,7 @@ def run_vit(cfg, workdir: pathlib.Path) -> dict:
             "vit_step_ms": row["step_ms"]}
 
 
-def subset(split: dict, fraction: float, seed: int) -> dict:
-    """The first round(fraction * n) examples of a fixed shuffle of a split."""
-    if not 0.0 < fraction <= 1.0:
-        raise UserError(f"compare.fractions entries must be in (0, 1], got {fraction}")
-    n = len(split["label"])
-    keep = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, round(fraction * n))])
-    return {k: v[keep] for k, v in split.items()}
+subset = task_lib.subset  # noqa: E305 (re-exported: the ViT-vs-CNN fractions)
 
 
 def run_vit_vs_cnn(cfg, workdir: pathlib.Path) -> dict:
@@ -266,11 +263,32 @@ def run_clip(cfg, workdir: pathlib.Path) -> dict:
             "clip_steps": m["steps"]}
 
 
-EXPERIMENTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn, "clip": run_clip}
+EXPERIMENTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn, "clip": run_clip,
+               "mae": selfsup.run_mae, "dino": selfsup.run_dino}
+
+
+def run_all(cfg, workdir: pathlib.Path) -> dict:
+    """Each part of cfg.parts (a section holding that experiment's config) in
+    workdir/<part>; their metrics merged into one dict."""
+    parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
+    for name in parts:
+        if name not in cfg or cfg[name].get("experiment") not in EXPERIMENTS:
+            raise UserError(f"parts: {name!r} is not a section with an experiment of "
+                            f"{', '.join(EXPERIMENTS)}")
+    metrics = {}
+    for name in parts:
+        print(f"=== {name}", flush=True)
+        out = EXPERIMENTS[cfg[name].experiment](cfg[name], workdir / name)
+        clash = set(out) & set(metrics)
+        if clash:
+            raise UserError(f"parts {name!r} and an earlier one both report {sorted(clash)}")
+        metrics.update(out)
+    return metrics
 
 
 def main(argv=None):
-    return cli.run_chapter("ch5", EXPERIMENTS, default_config="ch5_vit", argv=argv)
+    return cli.run_chapter("ch5", {**EXPERIMENTS, "all": run_all}, default_config="ch5_all",
+                           argv=argv)
 
 
 if __name__ == "__main__":

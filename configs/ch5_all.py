@@ -1,0 +1,12 @@
+"""Chapter 5, every lab in one run (the default of `python -m jaxcourse.ch5`): ViT vs CNN on
+the digits, CLIP on the generated scenes, MAE and DINO on the digits; one summary.json.
+
+python -m jaxcourse.ch5                     # = --config=configs/ch5_all.py:cpu
+Presets: smoke (about a minute), cpu (each part's cpu preset: about half an hour on 2 shared
+cores), gpu. Each part is a section: --config.mae.train.steps=300, --config.parts=mae,dino.
+"""
+from jaxcourse.vision.configs import chapter_config
+
+
+def get_config(preset: str = "cpu"):
+    return chapter_config(preset)
