@@ -2,8 +2,9 @@
 the digits, CLIP on the generated scenes, MAE and DINO on the digits; one summary.json.
 
 python -m jaxcourse.ch5                     # = --config=configs/ch5_all.py:cpu
-Presets: smoke (about a minute), cpu (each part's cpu preset: about half an hour on 2 shared
-cores), gpu. Each part is a section: --config.mae.train.steps=300, --config.parts=mae,dino.
+Presets: smoke (what tests/test_ch5.py runs), cpu (each part's cpu preset; the whole run is
+not timed yet, the MAE part alone took 22 minutes on 2 heavily shared cores), gpu.
+Each part is a section: --config.mae.train.steps=300, --config.parts=mae,dino.
 """
 from jaxcourse.vision.configs import chapter_config
 

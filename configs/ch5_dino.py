@@ -2,7 +2,7 @@
 teacher vs a random-init encoder, and the collapse monitor.
 
 python -m jaxcourse.ch5 --config=configs/ch5_dino.py:cpu
-Presets: smoke (seconds), cpu (minutes on 2 cores: 1,500 steps, 2 global + 4 local crops),
+Presets: smoke (seconds), cpu (minutes on 2 cores: 500 steps, 2 global + 4 local crops),
 gpu (CIFAR-10 from a local folder: --config.data.path=/data/cifar10).
 """
 from jaxcourse.vision.configs import dino_config
