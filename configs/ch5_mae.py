@@ -1,5 +1,7 @@
-"""Chapter 5: MAE pretraining of the ViT on the digits (no labels), linear probe, fine-tuning, and
-MAE + fine-tune vs supervised from scratch at 1%, 10% and 100% of the labels.
+"""Chapter 5: MAE pretraining on the digits; probe, fine-tune, vs scratch at 1/10/100% labels.
+
+MAE pretraining of the ViT on the digits (no labels), a linear probe, fine-tuning, and MAE +
+fine-tune vs supervised from scratch at 1%, 10% and 100% of the labels.
 
 python -m jaxcourse.ch5 --config=configs/ch5_mae.py:cpu
 Presets: smoke (seconds), cpu (2,000 pretraining steps, 600 steps per supervised run; measured

@@ -15,7 +15,11 @@ with the same steps: accuracy, step time, and both at smaller fractions of the t
 set. Then CLIP / SigLIP (models/clip.py, vision/contrastive.py) on the generated image-text
 scenes (data/scenes.py): the ViT and a text tower trained with the one loop on image-caption
 pairs, zero-shot classification of the colour x shape pairs held out of training (prompt
-ensembling), and text <-> image retrieval R@1/5/10 on the test scenes.
+ensembling), and text <-> image retrieval R@1/5/10 on the test scenes. Then self-supervised
+pretraining of the same ViT on the digits (vision/selfsup.py): MAE with a linear probe,
+fine-tuning and MAE vs from scratch at label fractions; DINO with k-NN and a linear probe
+against a random-init encoder. With no --config, every lab runs and one summary.json merges
+their metrics (`run_all`).
 """
 import dataclasses
 import pathlib
