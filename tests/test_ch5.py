@@ -2,6 +2,10 @@
 CNN (the ViT run inside it), CLIP, MAE and DINO are checked one by one; one-line bad input."""
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,18 +14,27 @@ from jaxcourse import ch5
 from jaxcourse.data import scenes
 
 SMOKE = "--config=configs/ch5_vit.py:smoke"
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _summary(workdir):
     return json.loads((workdir / "summary.json").read_text())["metrics"]
 
 
+# The smoke run is a dozen small programs, each compiled once and run for a few steps: XLA's
+# LLVM optimisation is most of its time (cold, at load 5 on 2 cores: 404 s with it, 2.5x less
+# without), so it runs as its own process with the backend optimisation off.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 @pytest.fixture(scope="module")
 def chapter(tmp_path_factory):
-    """The default `python -m jaxcourse.ch5` (every lab) on its smoke preset, run once:
-    (workdir, merged metrics)."""
+    """The default `python -m jaxcourse.ch5` (every lab) on its smoke preset, run once as a
+    command: (workdir, merged metrics)."""
     workdir = tmp_path_factory.mktemp("ch5")
-    ch5.main(["--config=configs/ch5_all.py:smoke", f"--workdir={workdir}"])
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAXCOURSE_CACHE": "off"}
+    subprocess.run([sys.executable, "-m", "jaxcourse.ch5", "--config=configs/ch5_all.py:smoke",
+                    f"--workdir={workdir}"], env=env, check=True, cwd=REPO)
     return workdir, _summary(workdir)
 
 
