@@ -178,8 +178,7 @@ def clip_model(cfg, tok) -> clip_lib.CLIP:
 
 def embed_images(model, params, images, batch_size: int) -> np.ndarray:
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=clip_lib.CLIP.encode_image))
-    return np.concatenate([np.asarray(fn(params, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+    return selfsup.batched(fn, params, images, batch_size)
 
 
 def class_embeddings(model, params, cfg, tok) -> np.ndarray:

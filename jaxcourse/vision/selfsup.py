@@ -148,15 +148,26 @@ def dino_model(cfg, data) -> dino_lib.DINO:
     return dino_lib.DINO(ViT(enc), dino_lib.DINOConfig(**d))
 
 
-def features(model: dino_lib.DINO, params, images, batch_size: int) -> np.ndarray:
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, features_only=True))
-    return np.concatenate([np.asarray(fn(params, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+def batched(fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """fn(params, x) over images in batches of batch_size, the last one zero-padded and cut
+    back, so that a jitted fn compiles one shape however many images there are."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        pad = batch_size - len(x)
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        out.append(np.asarray(fn(params, x))[:batch_size - pad])
+    return np.concatenate(out)
 
 
-def knn(model, params, cfg, data) -> float:
-    f = {k: features(model, params, data[k]["image"], cfg.eval_batch_size)
-         for k in ("train", "test")}
+def knn(model, params, cfg, data, encode=None) -> float:
+    """Weighted k-NN accuracy of the encoder's features; `encode` (a jitted
+    (params, images) -> features) is shared between calls so that it compiles once."""
+    if encode is None:
+        encode = jax.jit(lambda p, x: model.apply({"params": p}, x, features_only=True))
+    bs = min(cfg.eval_batch_size, len(data["train"]["label"]))
+    f = {k: batched(encode, params, data[k]["image"], bs) for k in ("train", "test")}
     k = int(data["train"]["label"].max()) + 1
     return dino_lib.knn_accuracy(f["train"], data["train"]["label"], f["test"],
                                  data["test"]["label"], k, cfg.knn.k, cfg.knn.temperature)
@@ -172,11 +183,12 @@ def run_dino(cfg, workdir: pathlib.Path) -> dict:
     image = np.zeros((1, *data["train"]["image"].shape[1:]), np.float32)
     random = nn.meta.unbox(model.init(jax.random.key(cfg.train.seed + 1), image)["params"])
     rows = []
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, features_only=True))
     for name, params in (("dino", teacher), ("random", random)):
         print(f"--- k-NN and linear probe of the {name} encoder", flush=True)
         probe = classify(cfg, workdir / f"probe-{name}", data, {"vit": params["encoder"]},
                          probe=True)
-        rows.append({"encoder": name, "knn_accuracy": knn(model, params, cfg, data),
+        rows.append({"encoder": name, "knn_accuracy": knn(model, params, cfg, data, encode),
                      "linear_probe_accuracy": probe["test_accuracy"]})
     monitor = [r for r in metric_rows(workdir / "pretrain") if "train/teacher_entropy" in r]
     plots.plot_collapse(monitor, math.log(cfg.dino.out_dim), workdir / "dino_collapse.png",
