@@ -1,8 +1,11 @@
-"""Chapter 5: multimodal transformers (so far: ViT on digits, ViT vs CNN).
+"""Chapter 5: multimodal transformers: ViT, ViT vs CNN, CLIP, MAE, DINO.
 
-    python -m jaxcourse.ch5                                    # ViT on the embedded digits
+    python -m jaxcourse.ch5                                    # every lab below, one summary
+    python -m jaxcourse.ch5 --config=configs/ch5_vit.py        # ViT on the embedded digits
     python -m jaxcourse.ch5 --config=configs/ch5_vit_vs_cnn.py # ViT vs chapter 2's ResNet
     python -m jaxcourse.ch5 --config=configs/ch5_clip.py       # CLIP / SigLIP on the scenes
+    python -m jaxcourse.ch5 --config=configs/ch5_mae.py        # MAE, probe, label fractions
+    python -m jaxcourse.ch5 --config=configs/ch5_dino.py       # DINO, k-NN vs random init
 
 Lab: a Vision Transformer (models/vit.py: patches as a conv or a reshape, class token or
 mean pooling, learned or 2-D sin-cos positions, the shared non-causal block stack) trained
@@ -12,7 +15,11 @@ with the same steps: accuracy, step time, and both at smaller fractions of the t
 set. Then CLIP / SigLIP (models/clip.py, vision/contrastive.py) on the generated image-text
 scenes (data/scenes.py): the ViT and a text tower trained with the one loop on image-caption
 pairs, zero-shot classification of the colour x shape pairs held out of training (prompt
-ensembling), and text <-> image retrieval R@1/5/10 on the test scenes.
+ensembling), and text <-> image retrieval R@1/5/10 on the test scenes. Then self-supervised
+pretraining of the same ViT on the digits (vision/selfsup.py): MAE with a linear probe,
+fine-tuning and MAE vs from scratch at label fractions; DINO with k-NN and a linear probe
+against a random-init encoder. With no --config, every lab runs and one summary.json merges
+their metrics (`run_all`).
 """
 import dataclasses
 import pathlib
@@ -29,7 +36,7 @@ from jaxcourse.models.classifier import ClassifierConfig, build_classifier
 from jaxcourse.models.vit import ViT, ViTClassifier, attention_maps, attention_rollout, vit_config
 from jaxcourse.report import markdown_table, write_results
 from jaxcourse.train import train
-from jaxcourse.vision import contrastive, plots
+from jaxcourse.vision import contrastive, plots, selfsup
 from jaxcourse.vision import task as task_lib
 
 
@@ -101,13 +108,7 @@ def run_vit(cfg, workdir: pathlib.Path) -> dict:
             "vit_step_ms": row["step_ms"]}
 
 
-def subset(split: dict, fraction: float, seed: int) -> dict:
-    """The first round(fraction * n) examples of a fixed shuffle of a split."""
-    if not 0.0 < fraction <= 1.0:
-        raise UserError(f"compare.fractions entries must be in (0, 1], got {fraction}")
-    n = len(split["label"])
-    keep = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, round(fraction * n))])
-    return {k: v[keep] for k, v in split.items()}
+subset = task_lib.subset  # noqa: E305 (re-exported: the ViT-vs-CNN fractions)
 
 
 def run_vit_vs_cnn(cfg, workdir: pathlib.Path) -> dict:
@@ -177,8 +178,7 @@ def clip_model(cfg, tok) -> clip_lib.CLIP:
 
 def embed_images(model, params, images, batch_size: int) -> np.ndarray:
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=clip_lib.CLIP.encode_image))
-    return np.concatenate([np.asarray(fn(params, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+    return selfsup.batched(fn, params, images, batch_size)
 
 
 def class_embeddings(model, params, cfg, tok) -> np.ndarray:
@@ -266,11 +266,32 @@ def run_clip(cfg, workdir: pathlib.Path) -> dict:
             "clip_steps": m["steps"]}
 
 
-EXPERIMENTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn, "clip": run_clip}
+EXPERIMENTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn, "clip": run_clip,
+               "mae": selfsup.run_mae, "dino": selfsup.run_dino}
+
+
+def run_all(cfg, workdir: pathlib.Path) -> dict:
+    """Each part of cfg.parts (a section holding that experiment's config) in
+    workdir/<part>; their metrics merged into one dict."""
+    parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
+    for name in parts:
+        if name not in cfg or cfg[name].get("experiment") not in EXPERIMENTS:
+            raise UserError(f"parts: {name!r} is not a section with an experiment of "
+                            f"{', '.join(EXPERIMENTS)}")
+    metrics = {}
+    for name in parts:
+        print(f"=== {name}", flush=True)
+        out = EXPERIMENTS[cfg[name].experiment](cfg[name], workdir / name)
+        clash = set(out) & set(metrics)
+        if clash:
+            raise UserError(f"parts {name!r} and an earlier one both report {sorted(clash)}")
+        metrics.update(out)
+    return metrics
 
 
 def main(argv=None):
-    return cli.run_chapter("ch5", EXPERIMENTS, default_config="ch5_vit", argv=argv)
+    return cli.run_chapter("ch5", {**EXPERIMENTS, "all": run_all}, default_config="ch5_all",
+                           argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Chapter 5 end to end on the smoke presets: ViT vs CNN (the ViT run inside it), CLIP, one-line
-bad input."""
+"""Chapter 5 end to end: the default run (every lab) once on its smoke preset, whose parts ViT vs
+CNN (the ViT run inside it), CLIP, MAE and DINO are checked one by one; one-line bad input."""
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,18 +14,48 @@ from jaxcourse import ch5
 from jaxcourse.data import scenes
 
 SMOKE = "--config=configs/ch5_vit.py:smoke"
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _summary(workdir):
     return json.loads((workdir / "summary.json").read_text())["metrics"]
 
 
-def test_vit_vs_cnn_trains_both_and_draws(tmp_path):
-    """One smoke run for the ViT and ViT-vs-CNN labs (run_vit is this run's ViT half)."""
-    workdir = tmp_path / "cmp"
-    ch5.main(["--config=configs/ch5_vit_vs_cnn.py:smoke", f"--workdir={workdir}",
-              "--config.compare.fractions=(1.0,)"])
-    m = _summary(workdir)
+# The smoke run is a dozen small programs, each compiled once and run for a few steps: XLA's
+# LLVM optimisation is most of its time (cold, at load 5 on 2 cores: 404 s with it, 2.5x less
+# without), so it runs as its own process with the backend optimisation off.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@pytest.fixture(scope="module")
+def chapter(tmp_path_factory):
+    """The default `python -m jaxcourse.ch5` (every lab) on its smoke preset, run once as a
+    command: (workdir, merged metrics)."""
+    workdir = tmp_path_factory.mktemp("ch5")
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAXCOURSE_CACHE": "off"}
+    subprocess.run([sys.executable, "-m", "jaxcourse.ch5", "--config=configs/ch5_all.py:smoke",
+                    f"--workdir={workdir}"], env=env, check=True, cwd=REPO)
+    return workdir, _summary(workdir)
+
+
+def test_default_run_writes_one_summary_of_every_lab(chapter):
+    workdir, m = chapter
+    for k in ("vit_test_accuracy", "cnn_test_accuracy", "clip_zero_shot_accuracy",
+              "clip_r_at_1", "mae_finetune_accuracy", "scratch_accuracy",
+              "mae_linear_probe_accuracy", "dino_knn_accuracy", "random_knn_accuracy"):
+        assert 0.0 <= m[k] <= 1.0, k
+    for part in ("vit_vs_cnn", "clip", "mae", "dino"):  # each part's own results
+        assert (workdir / part / "results.md").exists(), part
+    with pytest.raises(SystemExit):
+        ch5.main(["--config=configs/ch5_all.py:smoke", "--config.parts=mae,nope",
+                  f"--workdir={workdir / 'bad'}"])
+    assert not (workdir / "bad" / "summary.json").exists()
+
+
+def test_vit_vs_cnn_trains_both_and_draws(chapter):
+    """The ViT and ViT-vs-CNN labs (run_vit is this run's ViT half)."""
+    workdir, m = chapter
+    workdir = workdir / "vit_vs_cnn"
     rows = [json.loads(line)
             for line in (workdir / "vit-100pct" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -43,9 +77,9 @@ def test_vit_vs_cnn_trains_both_and_draws(tmp_path):
         assert f"| {name} | 1 |" in table and f"| {m[name + '_test_accuracy']:.4g} |" in table
 
 
-def test_clip_zero_shot_on_heldout_pairs_and_retrieval(tmp_path):
-    ch5.main(["--config=configs/ch5_clip.py:smoke", f"--workdir={tmp_path}"])
-    m = _summary(tmp_path)
+def test_clip_zero_shot_on_heldout_pairs_and_retrieval(chapter):
+    root, m = chapter
+    tmp_path = root / "clip"
     keys = ["clip_zero_shot_accuracy", "clip_zero_shot_all_classes_accuracy",
             "clip_zero_shot_seen_accuracy", "clip_r_at_1", "clip_test_loss"]
     keys += [f"clip_{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
@@ -62,6 +96,40 @@ def test_clip_zero_shot_on_heldout_pairs_and_retrieval(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert f"| heldout pairs | the 4 held-out pairs | {m['clip_zero_shot_accuracy']:.4g} |" in table
     assert f"| t2i | {m['clip_t2i_r1']:.4g} |" in table
+
+
+def test_mae_pretrains_probes_and_surveys_label_fractions(chapter):
+    root, m = chapter
+    workdir = root / "mae"
+    rows = [json.loads(line) for line in
+            (workdir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert m["mae_pretrain_steps"] == 20 and losses[-1] < losses[0]  # the decoder learns
+    # the smoke survey is the 10% fraction: both inits, same steps; the summary's keys are it
+    assert m["mae_label_fraction"] == 0.1
+    assert m["mae_finetune_accuracy"] == m["mae_10pct/test_accuracy"]
+    assert m["scratch_accuracy"] == m["scratch_10pct/test_accuracy"]
+    for init in ("mae", "scratch"):
+        steps = [json.loads(line).get("step") for line in
+                 (workdir / f"{init}-10pct" / "metrics.jsonl").read_text().splitlines()]
+        assert max(s for s in steps if s is not None) == 10
+    table = (workdir / "results.md").read_text()
+    assert f"| mae | 0.1 | 130 | {m['mae_finetune_accuracy']:.4g} |" in table
+    for png in ("mae_reconstructions.png", "label_fraction.png"):
+        assert (workdir / png).stat().st_size > 5_000, png
+
+
+def test_dino_knn_against_random_init_and_collapse_monitor(chapter):
+    root, m = chapter
+    workdir = root / "dino"
+    assert m["dino_steps"] == 20
+    assert 0.0 < m["dino_teacher_entropy"] <= math.log(32) + 1e-4  # smoke: K = 32
+    assert 0.0 < m["dino_batch_entropy"] <= math.log(32) + 1e-4 and m["dino_kl"] >= 0.0
+    assert m["dino_knn_accuracy"] != m["random_knn_accuracy"]  # two different encoders
+    table = (workdir / "results.md").read_text()
+    assert f"| dino | {m['dino_knn_accuracy']:.4g} |" in table
+    assert f"| random | {m['random_knn_accuracy']:.4g} |" in table
+    assert (workdir / "dino_collapse.png").stat().st_size > 5_000
 
 
 def test_zero_shot_scores_only_the_candidate_classes():

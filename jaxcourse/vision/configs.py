@@ -163,3 +163,81 @@ def clip_config(preset: str) -> ml_collections.ConfigDict:
         t.precision = "bfloat16"
         o.warmup_steps = 1000
     return cfg
+
+
+def mae_config(preset: str) -> ml_collections.ConfigDict:
+    """MAE on the digits: pretraining (mae.*) on every training image, then a linear probe
+    (probe.*) and the survey, MAE-pretrain + fine-tune vs from scratch at each label fraction
+    (survey.fractions), both for train.steps steps with the ViT lab's recipe."""
+    cfg = vit_config(preset)
+    cfg.experiment = "mae"
+    cfg.mae = {"mask_ratio": 0.75, "norm_pix": True, "decoder_d_model": 48,
+               "decoder_layers": 2, "decoder_heads": 4, "pretrain_steps": 2000,
+               "pretrain_lr": 1.5e-3}
+    cfg.probe = {"steps": 500, "lr": 1e-2}
+    cfg.survey = {"fractions": (0.01, 0.1, 1.0)}
+    cfg.figures.examples = 8
+    cfg.train.steps = 600
+    cfg.train.eval_every = 600
+    if preset == "smoke":
+        cfg.mae.update(decoder_d_model=16, decoder_layers=1, decoder_heads=2,
+                       pretrain_steps=20, pretrain_lr=3e-3)
+        cfg.probe.steps = 10
+        cfg.survey.fractions = (0.1,)
+        cfg.figures.examples = 3
+        cfg.train.steps = 10
+        cfg.train.eval_every = 10
+    elif preset == "gpu":
+        cfg.mae.update(decoder_d_model=128, decoder_layers=4, pretrain_steps=40000)
+        cfg.probe.steps = 5000
+        cfg.train.steps = 20000
+        cfg.train.eval_every = 2000
+    return cfg
+
+
+def dino_config(preset: str) -> ml_collections.ConfigDict:
+    """DINO on the digits: 2 global 8x8 views and local 4x4 crops, k-NN (knn.*) and a linear
+    probe (probe.*) of the teacher's encoder against a random-init one."""
+    cfg = vit_config(preset)
+    cfg.experiment = "dino"
+    cfg.dino = {"out_dim": 256, "hidden_dim": 128, "bottleneck_dim": 32, "head_layers": 3,
+                "norm_last_layer": True, "n_global": 2, "n_local": 4, "local_size": 4,
+                "global_scale": (0.5, 1.0), "local_scale": (0.1, 0.5), "student_temp": 0.1,
+                "teacher_temp_start": 0.04, "teacher_temp_end": 0.07,
+                "teacher_temp_warmup": 200, "center_momentum": 0.9, "momentum_base": 0.99}
+    cfg.knn = {"k": 20, "temperature": 0.07}
+    cfg.probe = {"steps": 300, "lr": 1e-2}
+    t = cfg.train
+    t.steps = 500  # at load 7 on the 2 shared cores the first 100 steps took about a minute
+    t.eval_every = 0
+    cfg.optimizer.lr = 1e-3
+    if preset == "smoke":
+        cfg.dino.update(out_dim=32, hidden_dim=32, bottleneck_dim=16, n_local=2,
+                        teacher_temp_warmup=5)
+        cfg.knn.k = 5
+        cfg.probe.steps = 10
+        t.steps = 20
+        t.eval_every = 0
+    elif preset == "gpu":
+        cfg.dino.update(out_dim=4096, hidden_dim=1024, bottleneck_dim=256, n_local=6,
+                        local_size=16, teacher_temp_warmup=3000, momentum_base=0.996)
+        cfg.probe.steps = 5000
+        t.steps = 40000
+    return cfg
+
+
+def chapter_config(preset: str) -> ml_collections.ConfigDict:
+    """Every chapter 5 lab in one run (`python -m jaxcourse.ch5`): each section in `parts`
+    is that experiment's whole config at the same preset (override one as
+    --config.mae.train.steps=...); their summaries merge into one summary.json. The ViT vs
+    CNN part runs the full training split only (its own config runs every fraction)."""
+    cfg = config.base_config()
+    cfg.experiment = "all"
+    parts = {"vit_vs_cnn": vit_config(preset), "clip": clip_config(preset),
+             "mae": mae_config(preset), "dino": dino_config(preset)}
+    parts["vit_vs_cnn"].experiment = "vit_vs_cnn"
+    parts["vit_vs_cnn"].compare.fractions = (1.0,)
+    cfg.parts = ",".join(parts)
+    for name, part in parts.items():
+        cfg[name] = part
+    return cfg

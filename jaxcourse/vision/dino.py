@@ -255,7 +255,8 @@ def dino_task(model: DINO) -> Task:
 
     def init(rng, batch):
         b, c = batch["image"].shape[0], batch["image"].shape[-1]
-        params = model.init(rng, jnp.zeros((b, cfg.global_size, cfg.global_size, c)))["params"]
+        params = nn.meta.unbox(  # the teacher copy holds plain arrays (no partition boxes)
+            model.init(rng, jnp.zeros((b, cfg.global_size, cfg.global_size, c)))["params"])
         return params, {"teacher": params, "center": jnp.zeros((cfg.out_dim,), jnp.float32)}
 
     def forward(params, model_state, images, rng, step, train=True):

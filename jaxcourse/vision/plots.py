@@ -49,14 +49,18 @@ def plot_attention(images_BxHxWxC, cls_LxBxGxG, rollout_BxGxG, labels, predictio
     return save_figure(fig, path, dpi=90)
 
 
-def plot_fractions(rows: list[dict], path: pathlib.Path, title: str) -> pathlib.Path:
+def plot_fractions(rows: list[dict], path: pathlib.Path, title: str,
+                   xlabel: str = "training examples used (% of the training split)",
+                   log_x: bool = False) -> pathlib.Path:
     """Test accuracy against the fraction of the training set, one line per model.
     rows: {"model", "fraction", "test_accuracy"}."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    if log_x:
+        ax.set_xscale("log")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r["fraction"], r["test_accuracy"]) for r in rows if r["model"] == model)
         ax.plot([f * 100 for f, _ in mine], [a for _, a in mine], "o-", label=model)
-    ax.set_xlabel("training examples used (% of the training split)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (fraction correct)")
     ax.set_title(title, fontsize=10)
     ax.legend()
@@ -88,5 +92,52 @@ def plot_retrieval(queries: list[str], images_QxKxHxWxC, hits_QxK, path: pathlib
     fig.supxlabel("retrieved test images, most similar first (green: the caption's image)",
                   fontsize=8)
     fig.supylabel("query caption", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=90)
+
+
+def plot_reconstructions(images_BxHxWxC, masked_BxHxWxC, pasted_BxHxWxC, path: pathlib.Path,
+                         title: str) -> pathlib.Path:
+    """MAE: one column per image; rows are the original, what the encoder saw (hidden patches
+    black) and the reconstruction (visible patches as given, hidden ones predicted)."""
+    rows = [("original", images_BxHxWxC), ("visible to the encoder", masked_BxHxWxC),
+            ("reconstruction", pasted_BxHxWxC)]
+    b = images_BxHxWxC.shape[0]
+    fig, axes = plt.subplots(3, b, figsize=(1.3 * b + 1.5, 4.2), squeeze=False)
+    lo, hi = float(np.min(images_BxHxWxC)), float(np.max(images_BxHxWxC))
+    for i, (name, x) in enumerate(rows):
+        for j in range(b):
+            ax = axes[i, j]
+            img = np.asarray(x[j])
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else np.clip(img, 0, 1),
+                      cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(name, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel("test image", fontsize=8)
+    fig.supylabel("input / masked / reconstructed", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=90)
+
+
+def plot_collapse(rows: list[dict], log_k: float, path: pathlib.Path, title: str) -> pathlib.Path:
+    """DINO's collapse monitor over training: per-image teacher entropy, entropy of the
+    batch-mean teacher output (both against log K, the uniform output), and KL(teacher ||
+    student). rows: metrics.jsonl rows with train/teacher_entropy, batch_entropy, kl."""
+    steps = [r["step"] for r in rows]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.3))
+    ax.plot(steps, [r["train/teacher_entropy"] for r in rows], label="teacher entropy per image")
+    ax.plot(steps, [r["train/batch_entropy"] for r in rows], label="entropy of the batch mean")
+    ax.axhline(log_k, color="gray", ls="--", label="log K (uniform)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("entropy (nats)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    bx.plot(steps, [r["train/kl"] for r in rows], color="tab:red")
+    bx.set_xlabel("step")
+    bx.set_ylabel("KL(teacher || student) (nats)")
+    bx.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=90)

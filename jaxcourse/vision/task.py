@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from jaxcourse.data import pipeline, sources
+from jaxcourse.errors import UserError
 from jaxcourse.train import Task, evaluate, train
 from jaxcourse.train.step import make_eval_fn
 from jaxcourse.vision import augment
@@ -83,10 +84,38 @@ def splits(cfg) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def fit(model: nn.Module, cfg, workdir: pathlib.Path, data: dict, num_classes: int):
+def subset(split: dict, fraction: float, seed: int, key: str = "compare.fractions") -> dict:
+    """The first round(fraction * n) examples (at least 1) of a fixed shuffle of a split;
+    `key` names the config entry in the error for a fraction outside (0, 1]."""
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"{key} entries must be in (0, 1], got {fraction}")
+    n = len(split["label"])
+    keep = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, round(fraction * n))])
+    return {k: v[keep] for k, v in split.items()}
+
+
+def with_pretrained(task: Task, pretrained: dict) -> Task:
+    """`task` whose fresh parameters have the top-level subtrees of `pretrained` swapped in
+    (e.g. {"vit": encoder params}): fine-tuning and linear probes start from them."""
+
+    def init(rng, batch):
+        params, model_state = task.init(rng, batch)
+        missing = set(pretrained) - set(params)
+        if missing:
+            raise ValueError(f"pretrained subtrees {sorted(missing)} are not in the model")
+        return {**params, **pretrained}, model_state
+
+    return dataclasses.replace(task, init=init)
+
+
+def fit(model: nn.Module, cfg, workdir: pathlib.Path, data: dict, num_classes: int,
+        pretrained: dict | None = None):
     """Trains `model` with the shared loop (regularizers from cfg.reg) on data["train"],
-    evaluating on data["val"]; returns (state, metrics with val/test accuracy)."""
+    evaluating on data["val"]; returns (state, metrics with val/test accuracy). `pretrained`:
+    parameter subtrees that replace the fresh ones before training (`with_pretrained`)."""
     task = classification_task(model, Regularization(**cfg.reg.to_dict()), num_classes)
+    if pretrained is not None:
+        task = with_pretrained(task, pretrained)
     train_data = pipeline.batches(data["train"], cfg.train.batch_size, cfg.train.seed)
     val = pipeline.eval_batches(data["val"], cfg.eval_batch_size)
     state, metrics = train(task, cfg, workdir, train_data, val)

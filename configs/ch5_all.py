@@ -1,0 +1,15 @@
+"""Chapter 5: every lab in one run (ViT vs CNN, CLIP, MAE, DINO), one summary.json.
+
+The default of `python -m jaxcourse.ch5`: ViT vs CNN on the digits, CLIP on the generated
+scenes, MAE and DINO on the digits.
+
+python -m jaxcourse.ch5                     # = --config=configs/ch5_all.py:cpu
+Presets: smoke (what tests/test_ch5.py runs), cpu (each part's cpu preset; the whole run is
+not timed yet, the MAE part alone took 22 minutes on 2 heavily shared cores), gpu.
+Each part is a section: --config.mae.train.steps=300, --config.parts=mae,dino.
+"""
+from jaxcourse.vision.configs import chapter_config
+
+
+def get_config(preset: str = "cpu"):
+    return chapter_config(preset)
