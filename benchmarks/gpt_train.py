@@ -45,6 +45,14 @@ HP = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, lr=1e-3
           warmup=100, b1=0.9, b2=0.99, weight_decay=0.1, clip=1.0, eval_batches=200)
 
 
+def torch_batch(data, gen, T: int, B: int):
+    """nanoGPT's get_batch: B random windows of T tokens and their next tokens (PyTorch)."""
+    import torch  # pylint: disable=import-outside-toplevel
+    ix = torch.randint(len(data) - T, (B,), generator=gen)
+    return (torch.stack([data[i:i + T] for i in ix]),
+            torch.stack([data[i + 1:i + 1 + T] for i in ix]))
+
+
 def char_split(path):
     """Sorted-character vocabulary, first 90% train, last 10% validation (nanoGPT prepare.py)."""
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -114,10 +122,7 @@ def torch_worker(data_path, iters, seed):
     T, B = HP["block_size"], HP["batch_size"]
 
     def get_batch(data, gen):
-        ix = torch.randint(len(data) - T, (B,), generator=gen)
-        x = torch.stack([data[i:i + T] for i in ix])
-        y = torch.stack([data[i + 1:i + 1 + T] for i in ix])
-        return x, y
+        return torch_batch(data, gen, T, B)
 
     model = GPT(vocab)
     decay = [p for p in model.parameters() if p.dim() >= 2]

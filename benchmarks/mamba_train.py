@@ -32,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpt_train import DEFAULT_DATA, REPO, char_split, run_child  # noqa: E402
+from gpt_train import DEFAULT_DATA, REPO, char_split, run_child, torch_batch  # noqa: E402
 
 HP = dict(n_layer=4, d_model=128, d_state=16, context=64, batch_size=12, lr=1e-3,
           min_lr_ratio=0.1, warmup=100, b1=0.9, b2=0.99, weight_decay=0.1, clip=1.0,
@@ -65,9 +65,7 @@ def torch_worker(mambapy, data_path, iters, seed, threads):
     T, B = HP["context"], HP["batch_size"]
 
     def get_batch(data, gen):
-        ix = torch.randint(len(data) - T, (B,), generator=gen)
-        return (torch.stack([data[i:i + T] for i in ix]),
-                torch.stack([data[i + 1:i + 1 + T] for i in ix]))
+        return torch_batch(data, gen, T, B)
 
     model = LM(MambaConfig(d_model=HP["d_model"], n_layers=HP["n_layer"],
                            d_state=HP["d_state"], pscan=True), vocab_size=vocab)
