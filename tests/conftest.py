@@ -1,14 +1,8 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere; no persistent
-compilation cache (tests must not write to ~/.cache; a test that wants one sets a tmp dir).
-
-Tests compile hundreds of tiny programs and run each a few times, so compiling dominates:
-XLA's CPU backend at LLVM optimization level 0 (FAST_XLA) compiles them about 40% faster in
-CPU time (tests/test_ch9.py: 86 s vs 148 s) and computes the same functions. Benchmarks and
-chapter runs keep the default level; subprocess tests that set XLA_FLAGS pass FAST_XLA on."""
+compilation cache (tests must not write to ~/.cache; a test that wants one sets a tmp dir)."""
 import os
 
-FAST_XLA = "--xla_backend_optimization_level=0"
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_XLA}")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

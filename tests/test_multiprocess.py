@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from conftest import FAST_XLA
 from jaxcourse import ch9
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -33,7 +32,6 @@ def _launch(cmd, env, timeout=240):
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = FAST_XLA  # the launcher adds each process's device count
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
