@@ -45,6 +45,24 @@ HP = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, lr=1e-3
           warmup=100, b1=0.9, b2=0.99, weight_decay=0.1, clip=1.0, eval_batches=200)
 
 
+def torch_data(path, seed: int):
+    """(train, val, vocab) of the character split as PyTorch tensors, torch seeded."""
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(seed)
+    train_ids, val_ids, vocab = char_split(path)
+    return torch.from_numpy(train_ids), torch.from_numpy(val_ids), vocab
+
+
+def torch_adamw(model, hp: dict):
+    """nanoGPT's AdamW: weight decay on the matrices only."""
+    import torch  # pylint: disable=import-outside-toplevel
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=hp["lr"], betas=(hp["b1"], hp["b2"]))
+
+
 def torch_batch(data, gen, T: int, B: int):
     """nanoGPT's get_batch: B random windows of T tokens and their next tokens (PyTorch)."""
     import torch  # pylint: disable=import-outside-toplevel
@@ -116,20 +134,14 @@ def torch_worker(data_path, iters, seed):
             return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
     t_start = time.perf_counter()
-    torch.manual_seed(seed)
-    train_ids, val_ids, vocab = char_split(data_path)
-    train_t, val_t = torch.from_numpy(train_ids), torch.from_numpy(val_ids)
+    train_t, val_t, vocab = torch_data(data_path, seed)
     T, B = HP["block_size"], HP["batch_size"]
 
     def get_batch(data, gen):
         return torch_batch(data, gen, T, B)
 
     model = GPT(vocab)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": HP["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=HP["lr"], betas=(HP["b1"], HP["b2"]))
+    opt = torch_adamw(model, HP)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for it in range(iters):

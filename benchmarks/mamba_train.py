@@ -32,7 +32,8 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpt_train import DEFAULT_DATA, REPO, char_split, run_child, torch_batch  # noqa: E402
+from gpt_train import (DEFAULT_DATA, REPO, run_child, torch_adamw, torch_batch,  # noqa: E402
+                       torch_data)
 
 HP = dict(n_layer=4, d_model=128, d_state=16, context=64, batch_size=12, lr=1e-3,
           min_lr_ratio=0.1, warmup=100, b1=0.9, b2=0.99, weight_decay=0.1, clip=1.0,
@@ -59,9 +60,7 @@ def torch_worker(mambapy, data_path, iters, seed, threads):
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    torch.manual_seed(seed)
-    train_ids, val_ids, vocab = char_split(data_path)
-    train_t, val_t = torch.from_numpy(train_ids), torch.from_numpy(val_ids)
+    train_t, val_t, vocab = torch_data(data_path, seed)
     T, B = HP["context"], HP["batch_size"]
 
     def get_batch(data, gen):
@@ -69,11 +68,7 @@ def torch_worker(mambapy, data_path, iters, seed, threads):
 
     model = LM(MambaConfig(d_model=HP["d_model"], n_layers=HP["n_layer"],
                            d_state=HP["d_state"], pscan=True), vocab_size=vocab)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": HP["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=HP["lr"], betas=(HP["b1"], HP["b2"]))
+    opt = torch_adamw(model, HP)
     gen = torch.Generator().manual_seed(seed)
 
     def loss_of(x, y):

@@ -62,7 +62,7 @@ class ExportedConfig:
 def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None = None) -> None:
     """Writes the engine's prefill (one per bucket) and decode step, its parameters, the
     tokenizer and the manifest to `out_dir` (validated and written in full, or refused)."""
-    from jaxcourse.serve.engine import _decode_chunk, _prefill  # noqa: PLC0415
+    from jaxcourse.serve.steps import decode_chunk, prefill  # noqa: PLC0415
 
     out = pathlib.Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
@@ -82,11 +82,11 @@ def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None =
 
     files = {}
     for t in engine.buckets:
-        exp = jax.export.export(jax.jit(with_tree(_prefill)))(
+        exp = jax.export.export(jax.jit(with_tree(prefill)))(
             [spec(a) for a in leaves], pool_spec, sd((1, t), i32), sd((), i32), sd((m,), i32),
             sd((), f32), sd((), i32), sd((), f32), sd((), i32))
         files[f"prefill_{t}"] = _write(out / f"prefill_{t}.jaxexp", exp.serialize())
-    chunk = lambda model, *a: _decode_chunk(model, engine.decode_steps, *a)  # noqa: E731
+    chunk = lambda model, *a: decode_chunk(model, engine.decode_steps, *a)  # noqa: E731
     exp = jax.export.export(jax.jit(with_tree(chunk)))(
         [spec(a) for a in leaves], pool_spec, sd((s, m), i32), *[sd((s,), i32)] * 4,
         sd((s,), f32), sd((s,), i32), sd((s,), f32), sd((s,), i32))
