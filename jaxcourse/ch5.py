@@ -266,8 +266,8 @@ def run_clip(cfg, workdir: pathlib.Path) -> dict:
             "clip_steps": m["steps"]}
 
 
-EXPERIMENTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn, "clip": run_clip,
-               "mae": selfsup.run_mae, "dino": selfsup.run_dino}
+PARTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn, "clip": run_clip,
+         "mae": selfsup.run_mae, "dino": selfsup.run_dino}
 
 
 def run_all(cfg, workdir: pathlib.Path) -> dict:
@@ -275,13 +275,13 @@ def run_all(cfg, workdir: pathlib.Path) -> dict:
     workdir/<part>; their metrics merged into one dict."""
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
     for name in parts:
-        if name not in cfg or cfg[name].get("experiment") not in EXPERIMENTS:
+        if name not in cfg or cfg[name].get("experiment") not in PARTS:
             raise UserError(f"parts: {name!r} is not a section with an experiment of "
-                            f"{', '.join(EXPERIMENTS)}")
+                            f"{', '.join(PARTS)}")
     metrics = {}
     for name in parts:
         print(f"=== {name}", flush=True)
-        out = EXPERIMENTS[cfg[name].experiment](cfg[name], workdir / name)
+        out = PARTS[cfg[name].experiment](cfg[name], workdir / name)
         clash = set(out) & set(metrics)
         if clash:
             raise UserError(f"parts {name!r} and an earlier one both report {sorted(clash)}")
@@ -289,9 +289,11 @@ def run_all(cfg, workdir: pathlib.Path) -> dict:
     return metrics
 
 
+EXPERIMENTS = {**PARTS, "all": run_all}
+
+
 def main(argv=None):
-    return cli.run_chapter("ch5", {**EXPERIMENTS, "all": run_all}, default_config="ch5_all",
-                           argv=argv)
+    return cli.run_chapter("ch5", EXPERIMENTS, default_config="ch5_all", argv=argv)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def reconstructions(model: mae_lib.MAE, params, images, seed: int) -> dict:
 
 
 def run_mae(cfg, workdir: pathlib.Path) -> dict:
+    """MAE pretraining, then fine-tune vs from scratch at each label fraction, and a linear probe."""
     data = task_lib.splits(cfg)
     model = mae_model(cfg, data)
     print("--- MAE pretraining on every training image (no labels)", flush=True)
@@ -174,6 +175,7 @@ def knn(model, params, cfg, data, encode=None) -> float:
 
 
 def run_dino(cfg, workdir: pathlib.Path) -> dict:
+    """DINO self-distillation with its collapse monitor, then a k-NN and linear probe."""
     data = task_lib.splits(cfg)
     model = dino_model(cfg, data)
     print("--- DINO pretraining on every training image (no labels)", flush=True)
