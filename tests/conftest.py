@@ -1,18 +1,30 @@
-"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere; no persistent
-compilation cache (tests must not write to ~/.cache; a test that wants one sets a tmp dir)."""
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere; one persistent
+compilation cache per test run in a tmp dir (never ~/.cache), shared by the xdist workers and
+the commands the tests start: many tests build the same small programs again (the same tiny
+GPT's step in the loop, the chapter CLIs the in-process tests also run), and a program
+compiled once is then loaded. Removed when the run ends. JAXCOURSE_CACHE=off turns it off."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("JAXCOURSE_CACHE", "off")
+# Set once by the xdist controller (this file is imported there first); workers inherit it.
+_OWN_CACHE = "JAXCOURSE_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAXCOURSE_CACHE"] = tempfile.mkdtemp(prefix="jaxcourse-test-xla-")
 # Every figure a test run draws must have a title and labelled axes (jaxcourse/figures.py).
 os.environ.setdefault("JAXCOURSE_STRICT_FIGURES", "1")
 
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+from jaxcourse import machine  # noqa: E402
+
+machine.compilation_cache()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -30,3 +42,8 @@ def shakespeare_path():
         pytest.skip(f"needs tiny Shakespeare: curl -o {SHAKESPEARE} {SHAKESPEARE_URL} "
                     "(or JAXCOURSE_SHAKESPEARE=PATH)")
     return SHAKESPEARE
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller, once
+        shutil.rmtree(os.environ["JAXCOURSE_CACHE"], ignore_errors=True)
