@@ -107,6 +107,24 @@ def test_head_multicrop_and_collapse_monitor():
     np.testing.assert_allclose(mon["kl"], 0.0, atol=1e-5)
 
 
+def test_head_bn_spreads_nearly_identical_features_apart():
+    """Features that differ by 1e-2 between images: the plain head maps them to almost the
+    same logits, the batch-standardised head (head_bn) to logits that differ by order one."""
+    rng = np.random.default_rng(0)
+    x = (1.0 + 1e-2 * rng.normal(size=(16, 8))).astype(np.float32)
+    z = D.batch_standardize(jnp.asarray(x))
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+    var = x.var(0)  # about 1e-4; eps 1e-5 keeps it a little under one
+    np.testing.assert_allclose(z.std(0), np.sqrt(var / (var + 1e-5)), rtol=1e-3)
+    spread = {}
+    for bn in (False, True):
+        cfg = D.DINOConfig(out_dim=6, hidden_dim=8, bottleneck_dim=4, head_bn=bn)
+        out, params = D.DINOHead(cfg).init_with_output(jax.random.key(0), x)
+        assert ("bn_0_scale" in params["params"]) == bn
+        spread[bn] = float(out.std(0).mean())
+    assert spread[False] < 0.02 and spread[True] > 0.1, spread
+
+
 def test_knn_separable_is_perfect_and_random_labels_near_chance():
     rng = np.random.default_rng(0)
     means = rng.normal(size=(4, 16)) * 5

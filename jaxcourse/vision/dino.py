@@ -37,6 +37,7 @@ class DINOConfig:
     bottleneck_dim: int = 64
     head_layers: int = 3
     norm_last_layer: bool = True   # weight-normed last layer with its gain frozen at 1
+    head_bn: bool = False          # batch-standardise the head's hidden layers (use_bn)
     n_global: int = 2
     n_local: int = 4
     global_size: int = 32
@@ -76,6 +77,15 @@ class DINOConfig:
 class DINOHead(nn.Module):
     """MLP -> bottleneck -> L2 normalise -> weight-normed linear layer to K prototypes.
 
+    `head_bn` standardises each hidden layer over the batch (the official head's `use_bn`,
+    which the paper uses for ResNets). It matters where the encoder's features start almost
+    the same for every image (a small random ViT on 8x8 digits: the spread across images is
+    a few percent of the mean): after the bottleneck's L2 normalisation the teacher's logits
+    then barely differ between images, centering removes what is common, and the sharpened
+    teacher is still uniform, so the loss carries no signal. Standardising over the batch
+    turns that small spread into unit variance. The head only ever sees training batches
+    (k-NN and probes read the encoder), so batch statistics suffice: no running averages.
+
     Weight norm (Salimans & Kingma 2016): w_k = g_k v_k / ||v_k||; `norm_last_layer` fixes
     g = 1 (the paper's default for ViT-S, it stabilises training); `weight_norm=False` gives a
     plain Dense last layer.
@@ -87,7 +97,12 @@ class DINOHead(nn.Module):
     def __call__(self, x_BxE):
         c = self.cfg
         for i in range(c.head_layers - 1):
-            x_BxE = nn.gelu(nn.Dense(c.hidden_dim, name=f"mlp_{i}")(x_BxE))
+            x_BxE = nn.Dense(c.hidden_dim, name=f"mlp_{i}")(x_BxE)
+            if c.head_bn:
+                x_BxE = batch_standardize(x_BxE)
+                x_BxE = x_BxE * self.param(f"bn_{i}_scale", nn.initializers.ones, (c.hidden_dim,))
+                x_BxE = x_BxE + self.param(f"bn_{i}_bias", nn.initializers.zeros, (c.hidden_dim,))
+            x_BxE = nn.gelu(x_BxE)
         x_BxE = nn.Dense(c.bottleneck_dim, name="bottleneck")(x_BxE)
         x_BxE = x_BxE / jnp.sqrt(jnp.sum(x_BxE ** 2, -1, keepdims=True) + 1e-12)
         if not self.weight_norm:
@@ -97,6 +112,13 @@ class DINOHead(nn.Module):
         if not c.norm_last_layer:
             w = w * self.param("last_g", nn.initializers.ones, (c.out_dim,))
         return x_BxE @ w
+
+
+def batch_standardize(x_BxE, eps: float = 1e-5):
+    """Each feature to zero mean and unit variance over the batch (batch norm's training
+    statistics)."""
+    mean = x_BxE.mean(0, keepdims=True)
+    return (x_BxE - mean) * jax.lax.rsqrt(((x_BxE - mean) ** 2).mean(0, keepdims=True) + eps)
 
 
 class DINO(nn.Module):
