@@ -51,10 +51,11 @@ def test_gather_and_write_roundtrip():
     pool = paged_cache.init_pool(layout, jnp.float32)
     table = jnp.asarray([[3, 1, 0, 0], [2, 4, 5, 0]], jnp.int32)
     kv_prompt = {n: jnp.arange(2 * 8 * 2, dtype=jnp.float32).reshape(2, 8, 1, 2) + 1 for n in "kv"}
-    pool = paged_cache.write_prompt(pool, table[1], 5, kv_prompt)  # 5 real positions of 8
+    pool = paged_cache.write_prompt(pool, table[1:], jnp.asarray([5]),  # 5 positions of 8
+                                    jax.tree.map(lambda a: a[:, None], kv_prompt))
     tok = {n: jnp.full((2, 2, 1, 2), -1.0) for n in "kv"}
     pool = paged_cache.write_token(pool, table, jnp.asarray([2, 5]), tok)
-    view = paged_cache.gather(pool, table)["k"]           # [L, S, 8, K, D]
+    view = jnp.swapaxes(paged_cache.gather(pool, table)["k"], 2, 3)  # [L, S, 8, K, D]
     np.testing.assert_array_equal(view[:, 1, :5], kv_prompt["k"][:, :5])
     np.testing.assert_array_equal(view[:, 1, 5], -1.0)
     np.testing.assert_array_equal(view[:, 0, 2], -1.0)

@@ -6,7 +6,7 @@ Kwon et al. 2023, "vLLM").
 
 A fixed number of decode slots; requests wait in a queue, join a free slot when its blocks
 can be reserved (paged_cache.BlockAllocator), are prefilled alone into that slot's blocks
-(prompts padded to a few bucket lengths), then advance together with every other running request, `decode_steps` tokens
+(prompts padded to a few bucket lengths, several of one length per call), then advance together with every other running request, `decode_steps` tokens
 per engine step, and leave as soon as they finish, freeing slot and blocks.
 
 One decode call produces `decode_steps` tokens for every slot (a `lax.scan` on device): small
@@ -57,13 +57,17 @@ class Engine:
     def __init__(self, model_cfg: GPTConfig, params, *, slots: int = 8, block_size: int = 16,
                  num_blocks: int = 0, buckets: tuple[int, ...] = (),
                  decode_text: Callable[[list[int]], str] | None = None, metrics=None,
-                 decode_steps: int = 8, steps: tuple[Callable, Callable] | None = None):
+                 decode_steps: int = 8, prefill_batch: int = 8,
+                 steps: tuple[Callable, Callable] | None = None):
         """`decode_steps`: tokens per slot per decode call (latency of a new request's
-        admission vs dispatch cost). `steps`: (prefill, decode chunk) with the signatures of
+        admission vs dispatch cost). `prefill_batch`: prompts of one bucket admitted
+        together are prefilled up to this many per call (padded with empty rows; a lone
+        prompt is prefilled alone). `steps`: (prefill, decode chunk) with the signatures of
         `steps.prefill` / `steps.decode_chunk` less the model and the chunk length
         (serve/export.py's exported ones); then `model_cfg` need only carry
         context, n_layer, kv_heads, head_dim, compute_dtype and pattern, and no model module
-        is imported. Default: the GPT's own jitted steps."""
+        is imported (serve/export.py passes (None, None) and sets prefill_fn / step_fn once
+        the engine knows its shapes). Default: the GPT's own jitted steps."""
         if any(kind != "attention" for kind in model_cfg.pattern):
             raise UserError(f"serve: the paged cache holds attention keys and values; "
                             f"model mixers {model_cfg.pattern} are not all 'attention'")
@@ -76,9 +80,16 @@ class Engine:
         if self.buckets[-1] > model_cfg.context or self.buckets[0] < 1:
             raise UserError(f"serve: buckets {self.buckets} must lie in 1..context "
                             f"{model_cfg.context}")
-        if decode_steps < 1:
-            raise UserError(f"serve: decode_steps={decode_steps} must be >= 1")
+        if decode_steps < 1 or prefill_batch < 1:
+            raise UserError(f"serve: decode_steps={decode_steps} and prefill_batch="
+                            f"{prefill_batch} must be >= 1")
+        self.prefill_sizes = tuple(sorted({1, min(prefill_batch, slots)}))
         self.decode_steps = decode_steps
+        # Decode calls read a dense view of the first `w` table columns only, w the smallest
+        # of these widths that holds every running slot's positions of the chunk: attention
+        # reads every view position of every slot each step.
+        self.view_widths = tuple(sorted({self.layout.blocks_for(b) for b in self.buckets}
+                                        | {self.layout.blocks_per_slot}))
         self.decode_text = decode_text
         self.metrics = metrics
         if metrics is not None:
@@ -153,12 +164,12 @@ class Engine:
         """Compiles the decode chunk and one prefill per bucket (writes go to scratch)."""
         s, m = self.tables.shape
         zeros = np.zeros(s, np.int32)
-        self.pool, _ = self.step_fn(self.params, self.pool, self.tables, zeros, zeros, zeros,
-                                    zeros, zeros.astype(np.float32), zeros,
-                                    np.ones(s, np.float32), zeros)
-        for t in self.buckets:
-            self.pool, _ = self.prefill_fn(self.params, self.pool, np.zeros((1, t), np.int32),
-                                           np.int32(0), np.zeros(m, np.int32), *_scalars())
+        for w in self.view_widths:
+            self.pool, _ = self.step_fn(self.params, self.pool, self.tables[:, :w], zeros,
+                                        zeros, zeros, zeros, zeros.astype(np.float32), zeros,
+                                        np.ones(s, np.float32), zeros)
+        for t, b in itertools.product(self.buckets, self.prefill_sizes):
+            self.pool, _ = self.prefill_fn(self.params, self.pool, *_PrefillRows(b, t, m).args)
         jax.block_until_ready(self.pool)
 
     @staticmethod
@@ -224,33 +235,39 @@ class Engine:
                 self._finish(slot, "cancelled")
 
     def _admit(self) -> None:
+        """Takes queued requests into free slots while their blocks can be reserved, then
+        prefills them, those of one bucket together (up to prefill_batch per call)."""
+        admitted: dict[int, list[int]] = collections.defaultdict(list)  # bucket -> slots
         while None in self.running:
             with self._cond:
                 if not self._waiting:
-                    return
+                    break
                 req = self._waiting[0]
                 n = len(req.prompt)
                 max_tokens = min(req.params.max_tokens, self.cfg.context - n)
                 # Positions written: the prompt and every generated token but the last.
                 need = self.layout.blocks_for(n + max_tokens - 1)
                 if not self.allocator.reserve(need):
-                    return  # admission waits for blocks; the queue keeps its order
+                    break  # admission waits for blocks; the queue keeps its order
                 self._waiting.popleft()
             slot = self.running.index(None)
             seed = req.params.seed if req.params.seed is not None else secrets.randbits(31)
-            run = _Running(req, seed % 2**31, max_tokens, [], need, n)
-            self.running[slot] = run
+            self.running[slot] = _Running(req, seed % 2**31, max_tokens, [], need, n)
             self._grow(slot, n)
-            bucket = next(b for b in self.buckets if b >= n)
-            tokens = np.zeros((1, bucket), np.int32)
-            tokens[0, :n] = req.prompt
-            p = req.params
-            self.pool, first = self.prefill_fn(
-                self.params, self.pool, tokens, np.int32(n), self.tables[slot],
-                *_scalars(p.temperature, p.top_k, p.top_p, run.seed))
-            if self.metrics is not None:
-                self.metrics.prompt(n)
-            self._emit(slot, [int(first)])
+            admitted[next(b for b in self.buckets if b >= n)].append(slot)
+        for bucket, slots in admitted.items():
+            big = self.prefill_sizes[-1]
+            for i in range(0, len(slots), big):
+                group = slots[i:i + big]
+                rows = _PrefillRows(1 if len(group) == 1 else big, bucket, self.tables.shape[1])
+                for j, slot in enumerate(group):
+                    rows.put(j, self.running[slot], self.tables[slot])
+                self.pool, first_B = self.prefill_fn(self.params, self.pool, *rows.args)
+                first_B = np.asarray(first_B)
+                for j, slot in enumerate(group):
+                    if self.metrics is not None:
+                        self.metrics.prompt(self.running[slot].length)
+                    self._emit(slot, [int(first_B[j])])
 
     def _grow(self, slot: int, n_positions: int) -> None:
         """Takes blocks until the slot holds n_positions."""
@@ -277,7 +294,10 @@ class Engine:
             tokens[i], positions[i] = run.generated[-1], run.length
             counters[i], limits[i] = len(run.generated), run.max_tokens
             temp[i], top_k[i], top_p[i], seeds[i] = p.temperature, p.top_k, p.top_p, run.seed
-        self.pool, out_KxS = self.step_fn(self.params, self.pool, self.tables, tokens,
+        reach = max(self.running[i].length for i in active) + steps
+        w = next((w for w in self.view_widths if w * self.layout.block_size >= reach),
+                 self.view_widths[-1])
+        self.pool, out_KxS = self.step_fn(self.params, self.pool, self.tables[:, :w], tokens,
                                           positions, counters, limits, temp, top_k, top_p,
                                           seeds)
         out_KxS = np.asarray(out_KxS)
@@ -347,5 +367,22 @@ def _send(req: Request, event: Event) -> None:
         req.sink(event)
 
 
-def _scalars(temperature=0.0, top_k=0, top_p=1.0, seed=0):
-    return (np.float32(temperature), np.int32(top_k), np.float32(top_p), np.int32(seed))
+class _PrefillRows:
+    """The host arrays of one prefill call: B rows of T tokens (empty rows: length 0)."""
+
+    def __init__(self, b: int, t: int, m: int):
+        self.tokens, self.lengths = np.zeros((b, t), np.int32), np.zeros(b, np.int32)
+        self.tables = np.full((b, m), paged_cache.SCRATCH, np.int32)
+        self.temp, self.top_k = np.zeros(b, np.float32), np.zeros(b, np.int32)
+        self.top_p, self.seeds = np.ones(b, np.float32), np.zeros(b, np.int32)
+
+    def put(self, j: int, run: _Running, table_M) -> None:
+        p, n = run.req.params, len(run.req.prompt)
+        self.tokens[j, :n], self.lengths[j], self.tables[j] = run.req.prompt, n, table_M
+        self.temp[j], self.top_k[j], self.top_p[j] = p.temperature, p.top_k, p.top_p
+        self.seeds[j] = run.seed
+
+    @property
+    def args(self) -> tuple:
+        return (self.tokens, self.lengths, self.tables, self.temp, self.top_k, self.top_p,
+                self.seeds)
