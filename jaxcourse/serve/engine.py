@@ -90,6 +90,9 @@ class Engine:
         # reads every view position of every slot each step.
         self.view_widths = tuple(sorted({self.layout.blocks_for(b) for b in self.buckets}
                                         | {self.layout.blocks_per_slot}))
+        # ... and computes only as many rows as running slots, rounded up to one of these
+        # (1, 4, 16, .., slots): a lone request does not pay for 32 slots' attention.
+        self.decode_rows = tuple(sorted({min(4 ** i, slots) for i in range(8)}))
         self.decode_text = decode_text
         self.metrics = metrics
         if metrics is not None:
@@ -161,13 +164,13 @@ class Engine:
     # ---- driving it ----------------------------------------------------------------------
 
     def warmup(self) -> None:
-        """Compiles the decode chunk and one prefill per bucket (writes go to scratch)."""
-        s, m = self.tables.shape
-        zeros = np.zeros(s, np.int32)
-        for w in self.view_widths:
-            self.pool, _ = self.step_fn(self.params, self.pool, self.tables[:, :w], zeros,
-                                        zeros, zeros, zeros, zeros.astype(np.float32), zeros,
-                                        np.ones(s, np.float32), zeros)
+        """Compiles a decode chunk per (row count, view width) and a prefill per (bucket,
+        batch); their writes go to scratch."""
+        m = self.tables.shape[1]
+        for n, w in itertools.product(self.decode_rows, self.view_widths):
+            z = np.zeros(n, np.int32)
+            self.pool, _ = self.step_fn(self.params, self.pool, self.tables[:n, :w], z, z, z,
+                                        z, z.astype(np.float32), z, np.ones(n, np.float32), z)
         for t, b in itertools.product(self.buckets, self.prefill_sizes):
             self.pool, _ = self.prefill_fn(self.params, self.pool, *_PrefillRows(b, t, m).args)
         jax.block_until_ready(self.pool)
@@ -279,33 +282,37 @@ class Engine:
             run.blocks.append(block)
 
     def _decode(self) -> None:
+        """One decode chunk for the running slots, as the first rows of a call of the
+        smallest row count that holds them (the rest: empty rows, limit 0)."""
         active = [i for i, r in enumerate(self.running) if r is not None]
         if not active:
             return
-        s, steps = len(self.running), self.decode_steps
+        steps = self.decode_steps
+        s = next(n for n in self.decode_rows if n >= len(active))
         tokens, positions = np.zeros(s, np.int32), np.zeros(s, np.int32)
         counters, limits = np.zeros(s, np.int32), np.zeros(s, np.int32)
         temp, top_k = np.zeros(s, np.float32), np.zeros(s, np.int32)
         top_p, seeds = np.ones(s, np.float32), np.zeros(s, np.int32)
-        for i in active:
+        tables = np.full((s, self.tables.shape[1]), paged_cache.SCRATCH, np.int32)
+        for j, i in enumerate(active):
             run = self.running[i]
             self._grow(i, run.length + min(steps, run.max_tokens - len(run.generated)))
             p = run.req.params
-            tokens[i], positions[i] = run.generated[-1], run.length
-            counters[i], limits[i] = len(run.generated), run.max_tokens
-            temp[i], top_k[i], top_p[i], seeds[i] = p.temperature, p.top_k, p.top_p, run.seed
-        reach = max(self.running[i].length for i in active) + steps
+            tokens[j], positions[j], tables[j] = run.generated[-1], run.length, self.tables[i]
+            counters[j], limits[j] = len(run.generated), run.max_tokens
+            temp[j], top_k[j], top_p[j], seeds[j] = p.temperature, p.top_k, p.top_p, run.seed
+        reach = int(positions.max()) + steps
         w = next((w for w in self.view_widths if w * self.layout.block_size >= reach),
                  self.view_widths[-1])
-        self.pool, out_KxS = self.step_fn(self.params, self.pool, self.tables[:, :w], tokens,
+        self.pool, out_KxS = self.step_fn(self.params, self.pool, tables[:, :w], tokens,
                                           positions, counters, limits, temp, top_k, top_p,
                                           seeds)
         out_KxS = np.asarray(out_KxS)
-        for i in active:
+        for j, i in enumerate(active):
             run = self.running[i]
             n = min(steps, run.max_tokens - len(run.generated))
             run.length += n
-            self._emit(i, out_KxS[:n, i].tolist())
+            self._emit(i, out_KxS[:n, j].tolist())
 
     def _emit(self, slot: int, tokens: list[int]) -> None:
         """Streams a slot's new tokens as one event (up to a stop string or max_tokens)."""

@@ -9,8 +9,8 @@
                          tokenizer file, sampling defaults, parameter names / shapes / dtypes
     prefill_<T>x<B>.jaxexp  one prefill per prompt bucket T and batch B (1, prefill_batch)
                          (jax.export serialized bytes)
-    decode_<W>.jaxexp    the decode chunk of all slots reading W table columns, one per view
-                         width (manifest: decode_steps tokens each)
+    decode_<N>x<W>.jaxexp  the decode chunk of N rows (running slots) reading W table
+                         columns, one per row count and view width (decode_steps tokens)
     params.npz           the parameters, flat, by tree path (numpy, no pickle)
     tokenizer.json
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import pathlib
 
@@ -39,7 +40,7 @@ from jaxcourse.errors import UserError
 from jaxcourse.serve.engine import Engine
 
 FORMAT = "jaxcourse-serve-export/3"  # 2: the decode call is a chunk of decode_steps;
-# 3: prefills per (bucket, batch), decode chunks per view width, heads-major KV views
+# 3: prefills per (bucket, batch), decode chunks per (rows, view width), heads-major views
 MANIFEST = "manifest.json"
 
 
@@ -92,11 +93,11 @@ def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None =
             files[f"prefill_{t}x{b}"] = _write(out / f"prefill_{t}x{b}.jaxexp",
                                                exp.serialize())
     chunk = lambda model, *a: decode_chunk(model, engine.decode_steps, *a)  # noqa: E731
-    for w in engine.view_widths:
+    for n, w in itertools.product(engine.decode_rows, engine.view_widths):
         exp = jax.export.export(jax.jit(with_tree(chunk)))(
-            [spec(a) for a in leaves], pool_spec, sd((s, w), i32), *[sd((s,), i32)] * 4,
-            sd((s,), f32), sd((s,), i32), sd((s,), f32), sd((s,), i32))
-        files[f"decode_{w}"] = _write(out / f"decode_{w}.jaxexp", exp.serialize())
+            [spec(a) for a in leaves], pool_spec, sd((n, w), i32), *[sd((n,), i32)] * 4,
+            sd((n,), f32), sd((n,), i32), sd((n,), f32), sd((n,), i32))
+        files[f"decode_{n}x{w}"] = _write(out / f"decode_{n}x{w}.jaxexp", exp.serialize())
     np.savez(out / "params.npz", **{name: np.asarray(a) for name, a in named})
     tok.save(out / "tokenizer.json")
     c = engine.cfg
@@ -153,7 +154,7 @@ def load_exported(export_dir, *, metrics=None):
                  decode_text=tok.decode, metrics=metrics, decode_steps=eng_cfg["decode_steps"],
                  prefill_batch=eng_cfg["prefill_batch"], steps=(None, None))
     names = [f"prefill_{t}x{b}" for t in eng.buckets for b in eng.prefill_sizes]
-    names += [f"decode_{w}" for w in eng.view_widths]
+    names += [f"decode_{n}x{w}" for n in eng.decode_rows for w in eng.view_widths]
     if any(name not in calls for name in names):
         raise UserError(f"{d / MANIFEST}: a function of the buckets {eng.buckets} is missing")
     jitted = {name: jax.jit(calls[name].call, donate_argnums=1) for name in names}
@@ -162,8 +163,9 @@ def load_exported(export_dir, *, metrics=None):
         b, t = tokens_BxT.shape
         return jitted[f"prefill_{t}x{b}"](params, pool, tokens_BxT, *args)
 
-    def decode(params, pool, table_SxW, *args):
-        return jitted[f"decode_{table_SxW.shape[1]}"](params, pool, table_SxW, *args)
+    def decode(params, pool, table_NxW, *args):
+        n, w = table_NxW.shape
+        return jitted[f"decode_{n}x{w}"](params, pool, table_NxW, *args)
 
     eng.prefill_fn, eng.step_fn = prefill, decode
     eng.sampling_defaults = man.get("sampling_defaults", {})
