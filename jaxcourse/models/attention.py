@@ -3,7 +3,8 @@
 Shapes: q is [B, T, H, D]; k and v are [B, S, K, D] with K kv heads dividing H heads
 (K == H: MHA, Vaswani et al. 2017; K == 1: MQA, Shazeer 2019; otherwise GQA, Ainslie et
 al. 2023). Query head h reads kv head h // (H // K), the grouping that
-jax.nn.dot_product_attention uses, so every implementation agrees.
+jax.nn.dot_product_attention uses, so every implementation agrees. The mixer's KV cache is
+heads-major, [B, K, S, D]; a one-token decode step over it is `decode_attention`.
 
 Implementations (`impl`):
     "einsum"  plain jnp reference; the only one that can hand back attention probabilities.
