@@ -5,23 +5,25 @@ Kwon et al. 2023, "vLLM").
     results = engine.complete([Request(prompt_ids, SamplingParams(max_tokens=32))])
 
 A fixed number of decode slots; requests wait in a queue, join a free slot when its blocks
-can be reserved (paged_cache.BlockAllocator), are prefilled alone into that slot's blocks
-(prompts padded to a few bucket lengths, several of one length per call), then advance together with every other running request, `decode_steps` tokens
-per engine step, and leave as soon as they finish, freeing slot and blocks.
+can be reserved (paged_cache.BlockAllocator), are prefilled into that slot's blocks (prompts
+padded to a few bucket lengths, those of one bucket together), then advance together with
+every other running request, `decode_steps` tokens per engine step, and leave as soon as
+they finish, freeing slot and blocks.
 
-One decode call produces `decode_steps` tokens for every slot (a `lax.scan` on device): small
-models are dispatch-bound, and one host round trip per token per batch cost more than the
-model itself (measured in BENCHMARKS.md). The call gathers each slot's blocks once into the
-dense cache layout of the attention mixer (models/attention.py), applies the GPT to one token
-per slot per scan step (vmapped over slots, each at its own position), samples on device,
-stops each slot at its own max_tokens (a per-slot limit, the rest of the chunk idles), and
-scatters the chunk's new keys and values back into the pool at the end. The host then reads
-the [steps, S] tokens once, applies stop strings and cancellations, and streams each
-request's new tokens as one event. Stop strings end a request at the token that completes
-them; tokens computed after it in the same chunk are dropped.
+One decode call produces `decode_steps` tokens for every running slot (a `lax.scan` on
+device, serve/steps.py): small models are dispatch-bound, and one host round trip per token
+cost more than the model itself. The running slots are the rows of the model's batch, each
+at its own cache position; the call gathers their blocks once into the dense, heads-major
+cache of the attention mixer (models/attention.py), cut to the positions the chunk can
+reach, samples on device, stops each row at its own max_tokens (the rest of the chunk
+idles), and scatters the chunk's new keys and values back into the pool at the end. The
+host then reads the [steps, rows] tokens once, applies stop strings and cancellations, and
+streams each request's new tokens as one event. Stop strings end a request at the token
+that completes them; tokens computed after it in the same chunk are dropped.
 
-Both compiled functions have static shapes (the slot count, the table width, the bucket
-lengths, the chunk length), so after `warmup()` a new request never compiles anything.
+Both compiled functions have static shapes (row counts, view widths, prefill batch sizes,
+bucket lengths, the chunk length), so after `warmup()` a new request never compiles
+anything.
 
 The engine is driven by `step()`; `start()` runs it in one background thread (the server),
 `complete()` runs it in the caller's thread (tests, benchmarks). `submit` and `cancel` are
