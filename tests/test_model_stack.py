@@ -65,7 +65,7 @@ def test_hybrid_pattern_builds_each_mixer_and_decodes_from_its_own_state(scan):
         assert "conv" in params["blocks"]["layer_3"]
     cache = GPT(cfg).init_cache(2, 16)
     # attention keeps K/V of all 16 positions; the conv mixer only its last 3 inputs
-    assert cache["layers"][0]["k"].shape == (2, 2, 16, 2, 8)
+    assert cache["layers"][0]["k"].shape == (2, 2, 2, 16, 8)
     assert cache["layers"][1]["tail"].shape == (2, 2, 3, 16)
     tokens = _tokens()
     full = GPT(cfg).apply({"params": params}, tokens)

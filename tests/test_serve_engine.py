@@ -51,10 +51,11 @@ def test_gather_and_write_roundtrip():
     pool = paged_cache.init_pool(layout, jnp.float32)
     table = jnp.asarray([[3, 1, 0, 0], [2, 4, 5, 0]], jnp.int32)
     kv_prompt = {n: jnp.arange(2 * 8 * 2, dtype=jnp.float32).reshape(2, 8, 1, 2) + 1 for n in "kv"}
-    pool = paged_cache.write_prompt(pool, table[1], 5, kv_prompt)  # 5 real positions of 8
+    pool = paged_cache.write_prompt(pool, table[1:], jnp.asarray([5]),  # 5 positions of 8
+                                    jax.tree.map(lambda a: a[:, None], kv_prompt))
     tok = {n: jnp.full((2, 2, 1, 2), -1.0) for n in "kv"}
     pool = paged_cache.write_token(pool, table, jnp.asarray([2, 5]), tok)
-    view = paged_cache.gather(pool, table)["k"]           # [L, S, 8, K, D]
+    view = jnp.swapaxes(paged_cache.gather(pool, table)["k"], 2, 3)  # [L, S, 8, K, D]
     np.testing.assert_array_equal(view[:, 1, :5], kv_prompt["k"][:, :5])
     np.testing.assert_array_equal(view[:, 1, 5], -1.0)
     np.testing.assert_array_equal(view[:, 0, 2], -1.0)
@@ -152,3 +153,34 @@ def test_bad_requests_are_user_errors(engine):
     with pytest.raises(UserError, match="not all 'attention'"):
         Engine(GPTConfig(vocab_size=8, context=8, n_layer=1, d_model=8, n_head=2,
                          mixer="mamba"), {})
+
+
+def test_rows_at_their_own_positions_match_each_row_alone(params):
+    """A cache index of shape [B] (the engine's decode rows, each at its own fill level)
+    gives every row the logits it gets alone with a scalar index; the stack takes its
+    per-layer caches as a list and returns a list (the decode chunk's in-place carry)."""
+    model, lengths = GPT(CFG), (3, 7)
+    alone, caches = [], []
+    for n in lengths:
+        cache, _ = decode.prefill(model, params, jnp.asarray([_prompt(n, 40 + n)]), 16)
+        logits, _ = model.apply({"params": params}, jnp.asarray([[5]]), cache=cache)
+        alone.append(logits[0, 0])
+        caches.append(cache["layers"])
+    stacked = jax.tree.map(lambda *a: jnp.concatenate(a, axis=1), *caches)  # [L, B, ...]
+    index = jnp.asarray(lengths, jnp.int32)
+    tokens = jnp.asarray([[5], [5]])
+    logits, new = model.apply({"params": params}, tokens,
+                              cache={"layers": stacked, "index": index})
+    np.testing.assert_allclose(logits[:, 0], jnp.stack(alone), atol=1e-5, rtol=1e-5)
+    assert new["index"].tolist() == [4, 8]
+    per_layer = ([jax.tree.map(lambda a, i=i: a[i], stacked[0]) for i in range(CFG.n_layer)],)
+    logits_l, new_l = model.apply({"params": params}, tokens,
+                                  cache={"layers": per_layer, "index": index})
+    assert isinstance(new_l["layers"][0], list) and len(new_l["layers"][0]) == CFG.n_layer
+    np.testing.assert_allclose(logits_l, logits, atol=1e-6, rtol=1e-6)
+    # each row's new key went to its own position: row 0 at 3, row 1 at 7
+    k_BxKxSxD = new_l["layers"][0][0]["k"]
+    assert float(jnp.abs(k_BxKxSxD[0, :, 3]).sum()) > 0 and float(
+        jnp.abs(k_BxKxSxD[0, :, 4:]).sum()) == 0
+    assert float(jnp.abs(k_BxKxSxD[1, :, 7]).sum()) > 0 and float(
+        jnp.abs(k_BxKxSxD[1, :, 8:]).sum()) == 0

@@ -40,7 +40,11 @@ def test_fresh_process_serves_the_export_without_model_code(exported):
     d, want = exported
     man = json.loads((d / "manifest.json").read_text())
     assert man["engine"]["buckets"] == [8, 32] and man["model"]["context"] == CFG.context
-    assert sorted(man["functions"]) == ["decode", "prefill_32", "prefill_8"]
+    # a prefill per (bucket, batch of 1 or 3 prompts), a decode chunk per (rows 1 or 3,
+    # view width of 2 or 8 blocks)
+    assert sorted(man["functions"]) == ["decode_1x2", "decode_1x8", "decode_3x2", "decode_3x8",
+                                        "prefill_32x1", "prefill_32x3", "prefill_8x1",
+                                        "prefill_8x3"]
     run = subprocess.run([sys.executable, "-c", SERVE_FROM_EXPORT, str(d), json.dumps(PROMPTS)],
                          capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(run.stdout.strip().splitlines()[-1])
@@ -59,8 +63,8 @@ def test_missing_or_corrupt_export_is_one_line(exported, tmp_path, capsys):
     bad.mkdir()
     for f in d.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
-    (bad / "decode.jaxexp").write_bytes(b"not a flatbuffer")
-    with pytest.raises(UserError, match="decode.jaxexp: not a jax.export"):
+    (bad / "decode_3x8.jaxexp").write_bytes(b"not a flatbuffer")
+    with pytest.raises(UserError, match="decode_3x8.jaxexp: not a jax.export"):
         export.load_exported(bad)
     (bad / "manifest.json").write_text("{")
     with pytest.raises(UserError, match="not a readable serve export"):

@@ -8,9 +8,12 @@ one `nn.scan` over repeats of the pattern (one compiled group of blocks, paramet
 a leading "layers" axis).
 
 The stack's decode state is a tuple with one entry per pattern position, each the mixer's own
-cache stacked over the repeats: for plain attention ({"k", "v": [L, B, S, K, D]},). An ffn
+cache stacked over the repeats: for plain attention ({"k", "v": [L, B, K, S, D]},). An ffn
 with a decode state (`init_cache`, e.g. RWKV's channel-mix) adds its own beside the mixer's:
-({"mixer": ..., "ffn": ...},).
+({"mixer": ..., "ffn": ...},). An entry may instead be a list of the repeats' caches (not
+stacked; not with scan_layers), and comes back as one: a decode loop that carries it that
+way updates each layer's cache in place, where slicing and restacking the stacked form
+copies the whole cache every step (the serving engine's decode chunk, serve/steps.py).
 """
 from __future__ import annotations
 
@@ -151,13 +154,17 @@ class Stack(nn.Module):
         new = [[] for _ in pattern]
         for i in range(c.n_layer):
             j, r = i % len(pattern), i // len(pattern)
-            layer_cache = None if cache is None else jax.tree.map(lambda a: a[r], cache[j])
+            layer_cache = None if cache is None else (
+                cache[j][r] if isinstance(cache[j], list) else
+                jax.tree.map(lambda a: a[r], cache[j]))
             x_BxTxD, layer_cache = _block_cls(c)(**kwargs, mixer=pattern[j],
                                                  name=f"layer_{i}")(x_BxTxD, layer_cache, side)
             new[j].append(layer_cache)
         if cache is None:
             return x_BxTxD, None
-        return x_BxTxD, tuple(jax.tree.map(lambda *a: jnp.stack(a), *caches) for caches in new)
+        return x_BxTxD, tuple(
+            caches if isinstance(given, list) else
+            jax.tree.map(lambda *a: jnp.stack(a), *caches) for caches, given in zip(new, cache))
 
     def _scanned(self, x_BxTxD, cache, side, kwargs):
         c, pattern = self.cfg, self.cfg.pattern

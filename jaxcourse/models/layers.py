@@ -174,31 +174,34 @@ def _pallas_norm(kind, x, scale, bias, eps):
 # ---------------------------------------------------------------------------------------
 # Positional encodings.
 
-def sinusoidal_table(positions_T, d_model: int, base: float = 10000.0):
-    """Fixed sin/cos encoding of "Attention is all you need" sec. 3.5, shape [T, d_model]."""
+def sinusoidal_table(positions, d_model: int, base: float = 10000.0):
+    """Fixed sin/cos encoding of "Attention is all you need" sec. 3.5: positions [T] (or
+    per-row [B, T]) -> [T, d_model] (or [B, T, d_model])."""
     half = d_model // 2
     freqs_F = jnp.exp(-math.log(base) * jnp.arange(half, dtype=jnp.float32) / half)
-    angles_TxF = positions_T.astype(jnp.float32)[:, None] * freqs_F[None, :]
-    table = jnp.concatenate([jnp.sin(angles_TxF), jnp.cos(angles_TxF)], axis=-1)
-    if d_model % 2:  # Odd widths: one zero column so the table is [T, d_model].
-        table = jnp.pad(table, ((0, 0), (0, 1)))
+    angles = positions.astype(jnp.float32)[..., None] * freqs_F
+    table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    if d_model % 2:  # Odd widths: one zero column so the table is [..., d_model].
+        table = jnp.pad(table, [(0, 0)] * (table.ndim - 1) + [(0, 1)])
     return table
 
 
-def apply_rope(x_BxTxHxD, positions_T, base: float = 10000.0):
+def apply_rope(x_BxTxHxD, positions, base: float = 10000.0):
     """Rotary position embedding (Su et al. 2021, RoFormer sec. 3.4).
 
     Rotates the pairs (x_i, x_{i+D/2}) by angle pos * base^(-2i/D) (GPT-NeoX's "rotate
     half" layout), so q.k after rotation depends on the positions only through m - n.
+    positions: [T], or [B, T] when every row sits at its own offset (the serving engine's
+    decode slots).
     """
     d = x_BxTxHxD.shape[-1]
     if d % 2:
         raise UserError(f"RoPE needs an even head dimension, got {d}")
     half = d // 2
     freqs_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_TxF = positions_T.astype(jnp.float32)[:, None] * freqs_F[None, :]
-    cos = jnp.cos(angles_TxF)[None, :, None, :]
-    sin = jnp.sin(angles_TxF)[None, :, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * freqs_F     # [T, F] | [B, T, F]
+    angles_BxTx1xF = (angles if angles.ndim == 3 else angles[None])[:, :, None, :]
+    cos, sin = jnp.cos(angles_BxTx1xF), jnp.sin(angles_BxTx1xF)
     x32 = x_BxTxHxD.astype(jnp.float32)
     x1, x2 = x32[..., :half], x32[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

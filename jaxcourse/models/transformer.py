@@ -223,15 +223,18 @@ class Positions(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_T):
+    def __call__(self, x_BxTxD, positions):
+        """positions: [T], or [B, T] (each row at its own offset)."""
         c = self.cfg
         if c.pos == "learned":
             init = partitioned(nn.initializers.normal(stddev=0.02), (None, "embed"))
             table = self.param("table", init, (c.context, c.d_model))
-            return x_BxTxD + jnp.take(table, positions_T, axis=0)[None].astype(x_BxTxD.dtype)
-        if c.pos == "sinusoidal":
-            return x_BxTxD + sinusoidal_table(positions_T, c.d_model)[None].astype(x_BxTxD.dtype)
-        return x_BxTxD
+            enc = jnp.take(table, positions, axis=0)
+        elif c.pos == "sinusoidal":
+            enc = sinusoidal_table(positions, c.d_model)
+        else:
+            return x_BxTxD
+        return x_BxTxD + (enc if enc.ndim == 3 else enc[None]).astype(x_BxTxD.dtype)
 
 
 class GPT(nn.Module):
@@ -241,7 +244,9 @@ class GPT(nn.Module):
     patches of a vision-language model; the logits then cover all P + T positions.
     With `cache` (from `init_cache`: {"layers": each mixer's state, "index": int32}) the
     inputs are appended at cache["index"] and (logits, new cache) is returned: this one
-    method serves prefill (T = prompt length) and one-token decode steps alike.
+    method serves prefill (T = prompt length) and one-token decode steps alike. An index
+    of shape [B] puts every row at its own fill level (attention mixers only: the serving
+    engine's decode slots, serve/steps.py).
     """
     cfg: GPTConfig
 
@@ -255,11 +260,11 @@ class GPT(nn.Module):
         t = x_BxTxD.shape[1]
         check_length(c, t, "the input")
         index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
-        positions_T = index + jnp.arange(t)
-        x_BxTxD = Positions(c, name="positions")(x_BxTxD, positions_T)
+        positions = index[..., None] + jnp.arange(t)                   # [T] | [B, T]
+        x_BxTxD = Positions(c, name="positions")(x_BxTxD, positions)
         x_BxTxD = nn.Dropout(c.dropout, deterministic=not train)(x_BxTxD)
         x_BxTxD, layers = Stack(c, deterministic=not train, name="blocks")(
-            x_BxTxD, positions_T, cache=None if cache is None else cache["layers"],
+            x_BxTxD, positions, cache=None if cache is None else cache["layers"],
             cache_index=index)
         logits_BxTxV = output_head(c, embed, x_BxTxD, "lm_head")
         if cache is None:

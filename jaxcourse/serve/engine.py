@@ -5,23 +5,25 @@ Kwon et al. 2023, "vLLM").
     results = engine.complete([Request(prompt_ids, SamplingParams(max_tokens=32))])
 
 A fixed number of decode slots; requests wait in a queue, join a free slot when its blocks
-can be reserved (paged_cache.BlockAllocator), are prefilled alone into that slot's blocks
-(prompts padded to a few bucket lengths), then advance together with every other running request, `decode_steps` tokens
-per engine step, and leave as soon as they finish, freeing slot and blocks.
+can be reserved (paged_cache.BlockAllocator), are prefilled into that slot's blocks (prompts
+padded to a few bucket lengths, those of one bucket together), then advance together with
+every other running request, `decode_steps` tokens per engine step, and leave as soon as
+they finish, freeing slot and blocks.
 
-One decode call produces `decode_steps` tokens for every slot (a `lax.scan` on device): small
-models are dispatch-bound, and one host round trip per token per batch cost more than the
-model itself (measured in BENCHMARKS.md). The call gathers each slot's blocks once into the
-dense cache layout of the attention mixer (models/attention.py), applies the GPT to one token
-per slot per scan step (vmapped over slots, each at its own position), samples on device,
-stops each slot at its own max_tokens (a per-slot limit, the rest of the chunk idles), and
-scatters the chunk's new keys and values back into the pool at the end. The host then reads
-the [steps, S] tokens once, applies stop strings and cancellations, and streams each
-request's new tokens as one event. Stop strings end a request at the token that completes
-them; tokens computed after it in the same chunk are dropped.
+One decode call produces `decode_steps` tokens for every running slot (a `lax.scan` on
+device, serve/steps.py): small models are dispatch-bound, and one host round trip per token
+cost more than the model itself. The running slots are the rows of the model's batch, each
+at its own cache position; the call gathers their blocks once into the dense, heads-major
+cache of the attention mixer (models/attention.py), cut to the positions the chunk can
+reach, samples on device, stops each row at its own max_tokens (the rest of the chunk
+idles), and scatters the chunk's new keys and values back into the pool at the end. The
+host then reads the [steps, rows] tokens once, applies stop strings and cancellations, and
+streams each request's new tokens as one event. Stop strings end a request at the token
+that completes them; tokens computed after it in the same chunk are dropped.
 
-Both compiled functions have static shapes (the slot count, the table width, the bucket
-lengths, the chunk length), so after `warmup()` a new request never compiles anything.
+Both compiled functions have static shapes (row counts, view widths, prefill batch sizes,
+bucket lengths, the chunk length), so after `warmup()` a new request never compiles
+anything.
 
 The engine is driven by `step()`; `start()` runs it in one background thread (the server),
 `complete()` runs it in the caller's thread (tests, benchmarks). `submit` and `cancel` are
@@ -57,13 +59,17 @@ class Engine:
     def __init__(self, model_cfg: GPTConfig, params, *, slots: int = 8, block_size: int = 16,
                  num_blocks: int = 0, buckets: tuple[int, ...] = (),
                  decode_text: Callable[[list[int]], str] | None = None, metrics=None,
-                 decode_steps: int = 8, steps: tuple[Callable, Callable] | None = None):
+                 decode_steps: int = 8, prefill_batch: int = 8,
+                 steps: tuple[Callable, Callable] | None = None):
         """`decode_steps`: tokens per slot per decode call (latency of a new request's
-        admission vs dispatch cost). `steps`: (prefill, decode chunk) with the signatures of
+        admission vs dispatch cost). `prefill_batch`: prompts of one bucket admitted
+        together are prefilled up to this many per call (padded with empty rows; a lone
+        prompt is prefilled alone). `steps`: (prefill, decode chunk) with the signatures of
         `steps.prefill` / `steps.decode_chunk` less the model and the chunk length
         (serve/export.py's exported ones); then `model_cfg` need only carry
         context, n_layer, kv_heads, head_dim, compute_dtype and pattern, and no model module
-        is imported. Default: the GPT's own jitted steps."""
+        is imported (serve/export.py passes (None, None) and sets prefill_fn / step_fn once
+        the engine knows its shapes). Default: the GPT's own jitted steps."""
         if any(kind != "attention" for kind in model_cfg.pattern):
             raise UserError(f"serve: the paged cache holds attention keys and values; "
                             f"model mixers {model_cfg.pattern} are not all 'attention'")
@@ -76,9 +82,19 @@ class Engine:
         if self.buckets[-1] > model_cfg.context or self.buckets[0] < 1:
             raise UserError(f"serve: buckets {self.buckets} must lie in 1..context "
                             f"{model_cfg.context}")
-        if decode_steps < 1:
-            raise UserError(f"serve: decode_steps={decode_steps} must be >= 1")
+        if decode_steps < 1 or prefill_batch < 1:
+            raise UserError(f"serve: decode_steps={decode_steps} and prefill_batch="
+                            f"{prefill_batch} must be >= 1")
+        self.prefill_sizes = tuple(sorted({1, min(prefill_batch, slots)}))
         self.decode_steps = decode_steps
+        # Decode calls read a dense view of the first `w` table columns only, w the smallest
+        # of these widths that holds every running slot's positions of the chunk: attention
+        # reads every view position of every slot each step.
+        self.view_widths = tuple(sorted({self.layout.blocks_for(b) for b in self.buckets}
+                                        | {self.layout.blocks_per_slot}))
+        # ... and computes only as many rows as running slots, rounded up to one of these
+        # (1, 4, 16, .., slots): a lone request does not pay for 32 slots' attention.
+        self.decode_rows = tuple(sorted({min(4 ** i, slots) for i in range(8)}))
         self.decode_text = decode_text
         self.metrics = metrics
         if metrics is not None:
@@ -150,15 +166,15 @@ class Engine:
     # ---- driving it ----------------------------------------------------------------------
 
     def warmup(self) -> None:
-        """Compiles the decode chunk and one prefill per bucket (writes go to scratch)."""
-        s, m = self.tables.shape
-        zeros = np.zeros(s, np.int32)
-        self.pool, _ = self.step_fn(self.params, self.pool, self.tables, zeros, zeros, zeros,
-                                    zeros, zeros.astype(np.float32), zeros,
-                                    np.ones(s, np.float32), zeros)
-        for t in self.buckets:
-            self.pool, _ = self.prefill_fn(self.params, self.pool, np.zeros((1, t), np.int32),
-                                           np.int32(0), np.zeros(m, np.int32), *_scalars())
+        """Compiles a decode chunk per (row count, view width) and a prefill per (bucket,
+        batch); their writes go to scratch."""
+        m = self.tables.shape[1]
+        for n, w in itertools.product(self.decode_rows, self.view_widths):
+            z = np.zeros(n, np.int32)
+            self.pool, _ = self.step_fn(self.params, self.pool, self.tables[:n, :w], z, z, z,
+                                        z, z.astype(np.float32), z, np.ones(n, np.float32), z)
+        for t, b in itertools.product(self.buckets, self.prefill_sizes):
+            self.pool, _ = self.prefill_fn(self.params, self.pool, *_PrefillRows(b, t, m).args)
         jax.block_until_ready(self.pool)
 
     @staticmethod
@@ -224,33 +240,39 @@ class Engine:
                 self._finish(slot, "cancelled")
 
     def _admit(self) -> None:
+        """Takes queued requests into free slots while their blocks can be reserved, then
+        prefills them, those of one bucket together (up to prefill_batch per call)."""
+        admitted: dict[int, list[int]] = collections.defaultdict(list)  # bucket -> slots
         while None in self.running:
             with self._cond:
                 if not self._waiting:
-                    return
+                    break
                 req = self._waiting[0]
                 n = len(req.prompt)
                 max_tokens = min(req.params.max_tokens, self.cfg.context - n)
                 # Positions written: the prompt and every generated token but the last.
                 need = self.layout.blocks_for(n + max_tokens - 1)
                 if not self.allocator.reserve(need):
-                    return  # admission waits for blocks; the queue keeps its order
+                    break  # admission waits for blocks; the queue keeps its order
                 self._waiting.popleft()
             slot = self.running.index(None)
             seed = req.params.seed if req.params.seed is not None else secrets.randbits(31)
-            run = _Running(req, seed % 2**31, max_tokens, [], need, n)
-            self.running[slot] = run
+            self.running[slot] = _Running(req, seed % 2**31, max_tokens, [], need, n)
             self._grow(slot, n)
-            bucket = next(b for b in self.buckets if b >= n)
-            tokens = np.zeros((1, bucket), np.int32)
-            tokens[0, :n] = req.prompt
-            p = req.params
-            self.pool, first = self.prefill_fn(
-                self.params, self.pool, tokens, np.int32(n), self.tables[slot],
-                *_scalars(p.temperature, p.top_k, p.top_p, run.seed))
-            if self.metrics is not None:
-                self.metrics.prompt(n)
-            self._emit(slot, [int(first)])
+            admitted[next(b for b in self.buckets if b >= n)].append(slot)
+        for bucket, slots in admitted.items():
+            big = self.prefill_sizes[-1]
+            for i in range(0, len(slots), big):
+                group = slots[i:i + big]
+                rows = _PrefillRows(1 if len(group) == 1 else big, bucket, self.tables.shape[1])
+                for j, slot in enumerate(group):
+                    rows.put(j, self.running[slot], self.tables[slot])
+                self.pool, first_B = self.prefill_fn(self.params, self.pool, *rows.args)
+                first_B = np.asarray(first_B)
+                for j, slot in enumerate(group):
+                    if self.metrics is not None:
+                        self.metrics.prompt(self.running[slot].length)
+                    self._emit(slot, [int(first_B[j])])
 
     def _grow(self, slot: int, n_positions: int) -> None:
         """Takes blocks until the slot holds n_positions."""
@@ -262,30 +284,37 @@ class Engine:
             run.blocks.append(block)
 
     def _decode(self) -> None:
+        """One decode chunk for the running slots, as the first rows of a call of the
+        smallest row count that holds them (the rest: empty rows, limit 0)."""
         active = [i for i, r in enumerate(self.running) if r is not None]
         if not active:
             return
-        s, steps = len(self.running), self.decode_steps
+        steps = self.decode_steps
+        s = next(n for n in self.decode_rows if n >= len(active))
         tokens, positions = np.zeros(s, np.int32), np.zeros(s, np.int32)
         counters, limits = np.zeros(s, np.int32), np.zeros(s, np.int32)
         temp, top_k = np.zeros(s, np.float32), np.zeros(s, np.int32)
         top_p, seeds = np.ones(s, np.float32), np.zeros(s, np.int32)
-        for i in active:
+        tables = np.full((s, self.tables.shape[1]), paged_cache.SCRATCH, np.int32)
+        for j, i in enumerate(active):
             run = self.running[i]
             self._grow(i, run.length + min(steps, run.max_tokens - len(run.generated)))
             p = run.req.params
-            tokens[i], positions[i] = run.generated[-1], run.length
-            counters[i], limits[i] = len(run.generated), run.max_tokens
-            temp[i], top_k[i], top_p[i], seeds[i] = p.temperature, p.top_k, p.top_p, run.seed
-        self.pool, out_KxS = self.step_fn(self.params, self.pool, self.tables, tokens,
+            tokens[j], positions[j], tables[j] = run.generated[-1], run.length, self.tables[i]
+            counters[j], limits[j] = len(run.generated), run.max_tokens
+            temp[j], top_k[j], top_p[j], seeds[j] = p.temperature, p.top_k, p.top_p, run.seed
+        reach = int(positions.max()) + steps
+        w = next((w for w in self.view_widths if w * self.layout.block_size >= reach),
+                 self.view_widths[-1])
+        self.pool, out_KxS = self.step_fn(self.params, self.pool, tables[:, :w], tokens,
                                           positions, counters, limits, temp, top_k, top_p,
                                           seeds)
         out_KxS = np.asarray(out_KxS)
-        for i in active:
+        for j, i in enumerate(active):
             run = self.running[i]
             n = min(steps, run.max_tokens - len(run.generated))
             run.length += n
-            self._emit(i, out_KxS[:n, i].tolist())
+            self._emit(i, out_KxS[:n, j].tolist())
 
     def _emit(self, slot: int, tokens: list[int]) -> None:
         """Streams a slot's new tokens as one event (up to a stop string or max_tokens)."""
@@ -347,5 +376,22 @@ def _send(req: Request, event: Event) -> None:
         req.sink(event)
 
 
-def _scalars(temperature=0.0, top_k=0, top_p=1.0, seed=0):
-    return (np.float32(temperature), np.int32(top_k), np.float32(top_p), np.int32(seed))
+class _PrefillRows:
+    """The host arrays of one prefill call: B rows of T tokens (empty rows: length 0)."""
+
+    def __init__(self, b: int, t: int, m: int):
+        self.tokens, self.lengths = np.zeros((b, t), np.int32), np.zeros(b, np.int32)
+        self.tables = np.full((b, m), paged_cache.SCRATCH, np.int32)
+        self.temp, self.top_k = np.zeros(b, np.float32), np.zeros(b, np.int32)
+        self.top_p, self.seeds = np.ones(b, np.float32), np.zeros(b, np.int32)
+
+    def put(self, j: int, run: _Running, table_M) -> None:
+        p, n = run.req.params, len(run.req.prompt)
+        self.tokens[j, :n], self.lengths[j], self.tables[j] = run.req.prompt, n, table_M
+        self.temp[j], self.top_k[j], self.top_p[j] = p.temperature, p.top_k, p.top_p
+        self.seeds[j] = run.seed
+
+    @property
+    def args(self) -> tuple:
+        return (self.tokens, self.lengths, self.tables, self.temp, self.top_k, self.top_p,
+                self.seeds)

@@ -7,8 +7,10 @@
 
     manifest.json        format, jax version, platform, cache and slot shapes, buckets,
                          tokenizer file, sampling defaults, parameter names / shapes / dtypes
-    prefill_<T>.jaxexp   one prefill per prompt bucket T  (jax.export serialized bytes)
-    decode.jaxexp        the decode chunk of all slots (manifest: decode_steps tokens each)
+    prefill_<T>x<B>.jaxexp  one prefill per prompt bucket T and batch B (1, prefill_batch)
+                         (jax.export serialized bytes)
+    decode_<N>x<W>.jaxexp  the decode chunk of N rows (running slots) reading W table
+                         columns, one per row count and view width (decode_steps tokens)
     params.npz           the parameters, flat, by tree path (numpy, no pickle)
     tokenizer.json
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import pathlib
 
@@ -36,7 +39,8 @@ import numpy as np
 from jaxcourse.errors import UserError
 from jaxcourse.serve.engine import Engine
 
-FORMAT = "jaxcourse-serve-export/2"  # 2: the decode call is a chunk of decode_steps
+FORMAT = "jaxcourse-serve-export/3"  # 2: the decode call is a chunk of decode_steps;
+# 3: prefills per (bucket, batch), decode chunks per (rows, view width), heads-major views
 MANIFEST = "manifest.json"
 
 
@@ -82,15 +86,18 @@ def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None =
 
     files = {}
     for t in engine.buckets:
-        exp = jax.export.export(jax.jit(with_tree(prefill)))(
-            [spec(a) for a in leaves], pool_spec, sd((1, t), i32), sd((), i32), sd((m,), i32),
-            sd((), f32), sd((), i32), sd((), f32), sd((), i32))
-        files[f"prefill_{t}"] = _write(out / f"prefill_{t}.jaxexp", exp.serialize())
+        for b in engine.prefill_sizes:
+            exp = jax.export.export(jax.jit(with_tree(prefill)))(
+                [spec(a) for a in leaves], pool_spec, sd((b, t), i32), sd((b,), i32),
+                sd((b, m), i32), sd((b,), f32), sd((b,), i32), sd((b,), f32), sd((b,), i32))
+            files[f"prefill_{t}x{b}"] = _write(out / f"prefill_{t}x{b}.jaxexp",
+                                               exp.serialize())
     chunk = lambda model, *a: decode_chunk(model, engine.decode_steps, *a)  # noqa: E731
-    exp = jax.export.export(jax.jit(with_tree(chunk)))(
-        [spec(a) for a in leaves], pool_spec, sd((s, m), i32), *[sd((s,), i32)] * 4,
-        sd((s,), f32), sd((s,), i32), sd((s,), f32), sd((s,), i32))
-    files["decode"] = _write(out / "decode.jaxexp", exp.serialize())
+    for n, w in itertools.product(engine.decode_rows, engine.view_widths):
+        exp = jax.export.export(jax.jit(with_tree(chunk)))(
+            [spec(a) for a in leaves], pool_spec, sd((n, w), i32), *[sd((n,), i32)] * 4,
+            sd((n,), f32), sd((n,), i32), sd((n,), f32), sd((n,), i32))
+        files[f"decode_{n}x{w}"] = _write(out / f"decode_{n}x{w}.jaxexp", exp.serialize())
     np.savez(out / "params.npz", **{name: np.asarray(a) for name, a in named})
     tok.save(out / "tokenizer.json")
     c = engine.cfg
@@ -100,7 +107,7 @@ def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None =
                   "head_dim": c.head_dim, "vocab_size": c.vocab_size,
                   "dtype": jnp.dtype(c.compute_dtype).name},
         "engine": {"slots": s, "block_size": engine.layout.block_size,
-                   "decode_steps": engine.decode_steps,
+                   "decode_steps": engine.decode_steps, "prefill_batch": engine.prefill_sizes[-1],
                    "num_blocks": engine.layout.num_blocks, "buckets": list(engine.buckets)},
         "tokenizer": {"file": "tokenizer.json", "kind": type(tok).__name__,
                       "vocab_size": c.vocab_size},
@@ -142,18 +149,25 @@ def load_exported(export_dir, *, metrics=None):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{d} is not a readable serve export: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    buckets = tuple(eng_cfg["buckets"])
-    if any(f"prefill_{t}" not in calls for t in buckets) or "decode" not in calls:
-        raise UserError(f"{d / MANIFEST}: a function of the buckets {buckets} is missing")
-    prefills = {t: jax.jit(calls[f"prefill_{t}"].call, donate_argnums=1) for t in buckets}
-
-    def prefill(params, pool, tokens_1xT, *args):
-        return prefills[tokens_1xT.shape[1]](params, pool, tokens_1xT, *args)
-
-    decode = jax.jit(calls["decode"].call, donate_argnums=1)
     eng = Engine(cfg, flat, slots=eng_cfg["slots"], block_size=eng_cfg["block_size"],
-                 num_blocks=eng_cfg["num_blocks"], buckets=buckets, decode_text=tok.decode,
-                 metrics=metrics, decode_steps=eng_cfg["decode_steps"], steps=(prefill, decode))
+                 num_blocks=eng_cfg["num_blocks"], buckets=tuple(eng_cfg["buckets"]),
+                 decode_text=tok.decode, metrics=metrics, decode_steps=eng_cfg["decode_steps"],
+                 prefill_batch=eng_cfg["prefill_batch"], steps=(None, None))
+    names = [f"prefill_{t}x{b}" for t in eng.buckets for b in eng.prefill_sizes]
+    names += [f"decode_{n}x{w}" for n in eng.decode_rows for w in eng.view_widths]
+    if any(name not in calls for name in names):
+        raise UserError(f"{d / MANIFEST}: a function of the buckets {eng.buckets} is missing")
+    jitted = {name: jax.jit(calls[name].call, donate_argnums=1) for name in names}
+
+    def prefill(params, pool, tokens_BxT, *args):  # one exported function per shape
+        b, t = tokens_BxT.shape
+        return jitted[f"prefill_{t}x{b}"](params, pool, tokens_BxT, *args)
+
+    def decode(params, pool, table_NxW, *args):
+        n, w = table_NxW.shape
+        return jitted[f"decode_{n}x{w}"](params, pool, table_NxW, *args)
+
+    eng.prefill_fn, eng.step_fn = prefill, decode
     eng.sampling_defaults = man.get("sampling_defaults", {})
     eng.warmup()
     return eng, tok

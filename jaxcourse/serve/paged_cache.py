@@ -12,8 +12,8 @@ padding positions are written to, so every gather and scatter has a static shape
 needs a branch. Whatever it holds sits at positions past a sequence's length, which the
 causal mask hides.
 
-`gather` turns a slot's blocks into the dense [L, S, K, D] layout the model's own attention
-mixer reads (models/attention.py); `write_token` / `write_prompt` scatter the keys and values
+`gather` turns a slot's blocks into the dense heads-major [L, S, K, P, D] layout the model's
+own attention mixer reads (models/attention.py); `write_token` / `write_prompt` scatter the keys and values
 the model produced back into the pool. `BlockAllocator` is the host-side free list.
 """
 from __future__ import annotations
@@ -71,11 +71,13 @@ def init_pool(layout: PagedLayout, dtype) -> dict:
 
 
 def gather(pool: dict, table_SxM) -> dict:
-    """Dense per-slot views {"k", "v": [L, S, M * block_size, K, D]} of the slots' blocks."""
+    """Dense per-slot views {"k", "v": [L, S, K, M * block_size, D]} of the slots' blocks,
+    heads-major like the attention mixer's cache."""
     def one(pool_LxNxBxKxD):
         n_layer, _, bs, kh, d = pool_LxNxBxKxD.shape
         s, m = table_SxM.shape
-        return pool_LxNxBxKxD[:, table_SxM].reshape(n_layer, s, m * bs, kh, d)
+        view = pool_LxNxBxKxD[:, table_SxM].reshape(n_layer, s, m * bs, kh, d)
+        return jnp.swapaxes(view, 2, 3)
     return jax.tree.map(one, pool)
 
 
@@ -91,15 +93,16 @@ def write_token(pool: dict, table_SxM, positions_S, kv: dict, valid_S=None) -> d
             for name in pool}
 
 
-def write_prompt(pool: dict, table_M, length, kv: dict) -> dict:
-    """Writes one sequence's first `length` positions, kv {"k", "v": [L, T, K, D]} (T a
-    padded bucket length); the padding goes to the scratch block."""
+def write_prompt(pool: dict, table_BxM, lengths_B, kv: dict) -> dict:
+    """Writes each row's first `lengths_B[b]` positions, kv {"k", "v": [L, B, T, K, D]} (T a
+    padded bucket length); the padding goes to the scratch block (a row of length 0 is
+    padding only)."""
     bs = pool["k"].shape[2]
-    t = kv["k"].shape[1]
+    t, m = kv["k"].shape[2], table_BxM.shape[1]
     pos_T = jnp.arange(t)
-    blocks_T = jnp.where(pos_T < length, table_M[jnp.minimum(pos_T // bs, table_M.shape[0] - 1)],
-                         SCRATCH)
-    return {name: pool[name].at[:, blocks_T, pos_T % bs].set(kv[name].astype(pool[name].dtype))
+    blocks_BxT = jnp.where(pos_T < lengths_B[:, None],
+                           table_BxM[:, jnp.minimum(pos_T // bs, m - 1)], SCRATCH)
+    return {name: pool[name].at[:, blocks_BxT, pos_T % bs].set(kv[name].astype(pool[name].dtype))
             for name in pool}
 
 
