@@ -1,4 +1,4 @@
-"""Chapter 5: multimodal transformers: ViT, ViT vs CNN, CLIP, MAE, DINO.
+"""Chapter 5: multimodal transformers: ViT, ViT vs CNN, CLIP, MAE, DINO, a tiny VLM (VQA).
 
     python -m jaxcourse.ch5                                    # every lab below, one summary
     python -m jaxcourse.ch5 --config=configs/ch5_vit.py        # ViT on the embedded digits
@@ -6,6 +6,7 @@
     python -m jaxcourse.ch5 --config=configs/ch5_clip.py       # CLIP / SigLIP on the scenes
     python -m jaxcourse.ch5 --config=configs/ch5_mae.py        # MAE, probe, label fractions
     python -m jaxcourse.ch5 --config=configs/ch5_dino.py       # DINO, k-NN vs random init
+    python -m jaxcourse.ch5 --config=configs/ch5_vqa.py        # early vs late fusion VQA
 
 Lab: a Vision Transformer (models/vit.py: patches as a conv or a reshape, class token or
 mean pooling, learned or 2-D sin-cos positions, the shared non-causal block stack) trained
@@ -15,28 +16,29 @@ with the same steps: accuracy, step time, and both at smaller fractions of the t
 set. Then CLIP / SigLIP (models/clip.py, vision/contrastive.py) on the generated image-text
 scenes (data/scenes.py): the ViT and a text tower trained with the one loop on image-caption
 pairs, zero-shot classification of the colour x shape pairs held out of training (prompt
-ensembling), and text <-> image retrieval R@1/5/10 on the test scenes. Then self-supervised
+ensembling) against a factored linear probe and CLIP-Adapter on the frozen image embeddings
+(vision/clip_lab.py), and text <-> image retrieval R@1/5/10 on the test scenes. Then self-supervised
 pretraining of the same ViT on the digits (vision/selfsup.py): MAE with a linear probe,
 fine-tuning and MAE vs from scratch at label fractions; DINO with k-NN and a linear probe
-against a random-init encoder. With no --config, every lab runs and one summary.json merges
-their metrics (`run_all`).
+against a random-init encoder. Then VQA (vision/vqa.py): the CLIP image tower's patch tokens
+as the prefix of chapter 4's GPT (models/vlm.py, early fusion) against an MLP on frozen CLIP
+image and question embeddings (late fusion), exact match on questions about held-out pairs.
+With no --config, every lab runs and one summary.json merges their metrics (`run_all`).
 """
 import dataclasses
 import pathlib
 
-import jax
 import numpy as np
 
 from jaxcourse import cli, config
 from jaxcourse.errors import UserError
 from jaxcourse.lm.params import count_params
-from jaxcourse.data import pipeline, scenes
+from jaxcourse.data import scenes
 from jaxcourse.models import clip as clip_lib
 from jaxcourse.models.classifier import ClassifierConfig, build_classifier
-from jaxcourse.models.vit import ViT, ViTClassifier, attention_maps, attention_rollout, vit_config
+from jaxcourse.models.vit import ViTClassifier, attention_maps, attention_rollout, vit_config
 from jaxcourse.report import markdown_table, write_results
-from jaxcourse.train import train
-from jaxcourse.vision import contrastive, plots, selfsup
+from jaxcourse.vision import clip_lab, contrastive, plots, selfsup, vqa
 from jaxcourse.vision import task as task_lib
 
 
@@ -147,40 +149,6 @@ def run_vit_vs_cnn(cfg, workdir: pathlib.Path) -> dict:
     return metrics
 
 
-class _Rows:
-    """rows[idx] of an array, indexed lazily: the images of the flattened caption pairs."""
-
-    def __init__(self, array: np.ndarray, rows: np.ndarray):
-        self.array, self.rows = array, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, idx):
-        return self.array[self.rows[idx]]
-
-
-def caption_pairs(split: scenes.Scenes, tok, context: int) -> dict:
-    """Every (scene, caption) pair of a split, scene-major: {"image", "tokens", "valid",
-    "scene"} (images shared, not copied, between a scene's captions)."""
-    texts = [c for caps in split.captions for c in caps]
-    owner = np.repeat(np.arange(len(split)), [len(c) for c in split.captions])
-    tokens, valid = scenes.tokenize_captions(tok, texts, context)
-    return {"image": _Rows(split.images, owner), "tokens": tokens, "valid": valid,
-            "scene": owner, "text": texts}
-
-
-def clip_model(cfg, tok) -> clip_lib.CLIP:
-    tower = vit_config(cfg.model, image_size=scenes.IMAGE_SIZE, channels=3, num_classes=0)
-    return clip_lib.CLIP(ViT(tower), clip_lib.CLIPConfig(**cfg.clip.to_dict(),
-                                                         vocab_size=tok.vocab_size))
-
-
-def embed_images(model, params, images, batch_size: int) -> np.ndarray:
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=clip_lib.CLIP.encode_image))
-    return selfsup.batched(fn, params, images, batch_size)
-
-
 def class_embeddings(model, params, cfg, tok) -> np.ndarray:
     """Every colour x shape class by prompt ensembling over cfg.zero_shot.templates: [20, D]."""
     encode = lambda texts: clip_lib.encode_texts(  # noqa: E731
@@ -201,7 +169,7 @@ def zero_shot(img_NxD, classes_KxD, true_N, labels) -> dict:
 def retrieval(model, params, cfg, tok, split: scenes.Scenes, img_NxD) -> tuple:
     """R@1/5/10 both ways over the split's scenes and all their captions; also the
     similarities [images, captions] and the caption pairs."""
-    pairs = caption_pairs(split, tok, cfg.clip.text_context)
+    pairs = clip_lab.caption_pairs(split, tok, cfg.clip.text_context)
     txt = clip_lib.encode_texts(model, params, tok.encode, pairs["text"], cfg.clip.text_context)
     sim = img_NxD @ np.asarray(txt).T
     return contrastive.retrieval_recall(sim, pairs["scene"]), sim, pairs
@@ -219,29 +187,23 @@ def retrieval_figure(cfg, split: scenes.Scenes, sim, pairs, path: pathlib.Path):
 
 def run_clip(cfg, workdir: pathlib.Path) -> dict:
     """CLIP / SigLIP on the scenes' train split (the one loop, `contrastive_task`); zero-shot
-    on the held-out pairs; retrieval on the test split; the retrieval grid."""
+    on the held-out pairs against a linear probe and an adapter on frozen image embeddings;
+    retrieval on the test split; the retrieval grid."""
     s = cfg.scenes
     data = scenes.make_splits(s.n_train, s.n_test, s.n_heldout, s.seed)
     tok = scenes.caption_tokenizer()
-    model = clip_model(cfg, tok)
-    context = cfg.clip.text_context
-    train_pairs = caption_pairs(data["train"], tok, context)
-    test_pairs = caption_pairs(data["test"], tok, context)
-    keys = ("image", "tokens", "valid")
-    state, m = train(clip_lib.contrastive_task(model), cfg, workdir,
-                     pipeline.batches({k: train_pairs[k] for k in keys}, cfg.train.batch_size,
-                                      cfg.train.seed),
-                     pipeline.eval_batches({k: test_pairs[k] for k in keys},
-                                           cfg.eval_batch_size))
-    params = state.params
+    model, params, m = clip_lab.train_clip(cfg, workdir, data, tok)
     heldout, every = scenes.heldout_labels(), np.arange(len(scenes.class_names()))
     classes = class_embeddings(model, params, cfg, tok)
-    img = {k: embed_images(model, params, data[k].images, cfg.eval_batch_size)
-           for k in ("heldout", "test")}
+    img = clip_lab.embed_images(model, params, {k: data[k].images
+                                                for k in ("train", "heldout", "test")},
+                                cfg.eval_batch_size)
     zs = zero_shot(img["heldout"], classes, data["heldout"].label, heldout)
     zs_all = zero_shot(img["heldout"], classes, data["heldout"].label, every)
     zs_seen = zero_shot(img["test"], classes, data["test"].label,
                         np.setdiff1d(every, heldout))
+    heads = clip_lab.few_shot_heads(cfg, workdir, data, img, classes,
+                                    float(np.exp(params["log_scale"])))
     recall, sim, pairs = retrieval(model, params, cfg, tok, data["test"], img["test"])
     retrieval_figure(cfg, data["test"], sim, pairs, workdir / "retrieval.png")
     zs_rows = [
@@ -250,12 +212,25 @@ def run_clip(cfg, workdir: pathlib.Path) -> dict:
         {"images": "heldout pairs", "candidates": "all 20 pairs", "accuracy": zs_all["accuracy"]},
         {"images": "test (seen pairs)", "candidates": "the 16 seen pairs",
          "accuracy": zs_seen["accuracy"]}]
+    head_rows = [{"method": "zero-shot (prompt ensembling)", "heldout pairs": zs["accuracy"],
+                  "test (seen pairs)": zs_seen["accuracy"]}]
+    head_rows += [{"method": name, "heldout pairs": heads[key]["heldout"],
+                   "test (seen pairs)": heads[key]["test"]}
+                  for key, name in (("linear_probe", "linear probe (colour + shape)"),
+                                    ("adapter", "CLIP-Adapter"))]
     r_rows = [{"direction": d, **{f"R@{k}": recall[f"{d}_r{k}"] for k in (1, 5, 10)}}
               for d in ("t2i", "i2t")]
     write_results(workdir, f"Chapter 5: {cfg.clip.loss.upper()} on the generated scenes", [
         ("zero-shot (prompt ensembling)", markdown_table(zs_rows, list(zs_rows[0]))),
+        ("few-shot heads on frozen image embeddings vs zero-shot (the held-out pairs among "
+         "themselves, the seen pairs among themselves)",
+         markdown_table(head_rows, list(head_rows[0]))),
         ("retrieval on the test split", markdown_table(r_rows, list(r_rows[0])))])
     return {"clip_zero_shot_accuracy": zs["accuracy"],
+            "clip_linear_probe_accuracy": heads["linear_probe"]["heldout"],
+            "clip_adapter_accuracy": heads["adapter"]["heldout"],
+            "clip_linear_probe_seen_accuracy": heads["linear_probe"]["test"],
+            "clip_adapter_seen_accuracy": heads["adapter"]["test"],
             "clip_zero_shot_all_classes_accuracy": zs_all["accuracy"],
             "clip_zero_shot_seen_accuracy": zs_seen["accuracy"],
             "clip_r_at_1": recall["t2i_r1"],
@@ -267,7 +242,7 @@ def run_clip(cfg, workdir: pathlib.Path) -> dict:
 
 
 PARTS = {"vit": run_vit, "vit_vs_cnn": run_vit_vs_cnn, "clip": run_clip,
-         "mae": selfsup.run_mae, "dino": selfsup.run_dino}
+         "mae": selfsup.run_mae, "dino": selfsup.run_dino, "vqa": vqa.run_vqa}
 
 
 def run_all(cfg, workdir: pathlib.Path) -> dict:

@@ -1,5 +1,5 @@
 """Chapter 5 end to end: the default run (every lab) once on its smoke preset, whose parts ViT vs
-CNN (the ViT run inside it), CLIP, MAE and DINO are checked one by one; one-line bad input."""
+CNN (the ViT run inside it), CLIP, MAE, DINO and VQA are checked one by one; one-line bad input."""
 import json
 import math
 import os
@@ -32,7 +32,7 @@ def chapter(tmp_path_factory):
     """The default `python -m jaxcourse.ch5` (every lab) on its smoke preset, run once as a
     command: (workdir, merged metrics)."""
     workdir = tmp_path_factory.mktemp("ch5")
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAXCOURSE_CACHE": "off"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
     subprocess.run([sys.executable, "-m", "jaxcourse.ch5", "--config=configs/ch5_all.py:smoke",
                     f"--workdir={workdir}"], env=env, check=True, cwd=REPO)
     return workdir, _summary(workdir)
@@ -42,9 +42,11 @@ def test_default_run_writes_one_summary_of_every_lab(chapter):
     workdir, m = chapter
     for k in ("vit_test_accuracy", "cnn_test_accuracy", "clip_zero_shot_accuracy",
               "clip_r_at_1", "mae_finetune_accuracy", "scratch_accuracy",
-              "mae_linear_probe_accuracy", "dino_knn_accuracy", "random_knn_accuracy"):
+              "mae_linear_probe_accuracy", "dino_knn_accuracy", "random_knn_accuracy",
+              "clip_linear_probe_accuracy", "clip_adapter_accuracy", "vqa_accuracy",
+              "vqa_late_fusion_accuracy"):
         assert 0.0 <= m[k] <= 1.0, k
-    for part in ("vit_vs_cnn", "clip", "mae", "dino"):  # each part's own results
+    for part in ("vit_vs_cnn", "clip", "mae", "dino", "vqa"):  # each part's own results
         assert (workdir / part / "results.md").exists(), part
     with pytest.raises(SystemExit):
         ch5.main(["--config=configs/ch5_all.py:smoke", "--config.parts=mae,nope",
@@ -96,6 +98,35 @@ def test_clip_zero_shot_on_heldout_pairs_and_retrieval(chapter):
     table = (tmp_path / "results.md").read_text()
     assert f"| heldout pairs | the 4 held-out pairs | {m['clip_zero_shot_accuracy']:.4g} |" in table
     assert f"| t2i | {m['clip_t2i_r1']:.4g} |" in table
+    # the few-shot heads: trained (20 steps each, on the 128 train scenes), then scored on the
+    # 40 heldout and 40 test scenes: accuracies in steps of 1/40
+    for head in ("probe-colour", "probe-shape", "adapter"):
+        steps = [json.loads(line).get("step") for line in
+                 (tmp_path / head / "metrics.jsonl").read_text().splitlines()]
+        assert max(s for s in steps if s is not None) == 20, head
+    for key in ("clip_linear_probe_accuracy", "clip_adapter_accuracy",
+                "clip_linear_probe_seen_accuracy", "clip_adapter_seen_accuracy"):
+        assert 0.0 <= m[key] <= 1.0 and float(m[key] * 40).is_integer(), key
+    assert (f"| linear probe (colour + shape) | {m['clip_linear_probe_accuracy']:.4g} | "
+            f"{m['clip_linear_probe_seen_accuracy']:.4g} |") in table
+    assert f"| CLIP-Adapter | {m['clip_adapter_accuracy']:.4g} |" in table
+
+
+def test_vqa_early_and_late_fusion(chapter):
+    root, m = chapter
+    workdir = root / "vqa"
+    assert m["vqa_clip_steps"] == 10 and m["vqa_steps"] == 10
+    n = m["vqa_heldout_questions"]
+    for key in ("vqa_accuracy", "vqa_late_fusion_accuracy"):
+        assert 0.0 <= m[key] <= 1.0 and abs(m[key] * n - round(m[key] * n)) < 1e-6, key
+    # greedy decoding's exact match is teacher forcing's all-answer-tokens-argmax
+    assert m["vqa_accuracy"] == pytest.approx(m["vqa_teacher_forced_accuracy"], abs=1e-6)
+    for kind in scenes.QUESTION_KINDS:
+        assert 0.0 <= m[f"vqa_{kind}_accuracy"] <= 1.0, kind
+    table = (workdir / "results.md").read_text()
+    assert f"| early fusion (VLM) | heldout | {m['vqa_accuracy']:.4g} |" in table
+    assert f"| late fusion (MLP) | heldout | {m['vqa_late_fusion_accuracy']:.4g} |" in table
+    assert (workdir / "vqa_samples.png").stat().st_size > 5_000
 
 
 def test_mae_pretrains_probes_and_surveys_label_fractions(chapter):
@@ -156,13 +187,16 @@ def test_subset_keeps_a_fixed_fraction():
 
 @pytest.mark.parametrize("override, message", [
     ("--config.model.patch_size=3", "patch size 3 does not divide the image size 8x8"),
+    ("--config.vlm.text_context=20", "question 'how many white circles?' with its answer is "
+                                     "27 tokens, longer than the text context 20"),
     ("--config.compare.fractions=(0.0,)", "compare.fractions entries must be in (0, 1]"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, override, message):
     config = ("--config=configs/ch5_vit_vs_cnn.py:smoke" if "fractions" in override
-              else SMOKE)
+              else "--config=configs/ch5_vqa.py:smoke" if "vlm" in override else SMOKE)
     with pytest.raises(SystemExit) as info:
         ch5.main([config, f"--workdir={tmp_path}", override])
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert info.value.code == (2 if "patch" in override else 1)
+    assert info.value.code == (1 if "fractions" in override else 2)
+    assert not (tmp_path / "summary.json").exists()

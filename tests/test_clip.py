@@ -1,5 +1,5 @@
 """CLIP / SigLIP dual encoder: config checks, unit embeddings and initial scalars, text
-pooling ignores padding, the contrastive task trains, linear probe and adapter heads."""
+pooling ignores padding, the contrastive task trains, linear probe, MLP and adapter heads."""
 import chex
 import flax.linen as nn
 import jax
@@ -117,12 +117,13 @@ def test_linear_probe_and_adapter_heads():
     feats = (classifier[labels] + 0.3 * rng.normal(size=(24, 8))).astype(np.float32)
     batch = {"features": feats, "label": labels}
     adapter = CL.FeatureHead(3, "adapter", classifier_KxD=classifier, scale=10.0)
-    (logits, first, last), (_, probe_first, probe_last) = _fit(
-        [adapter, CL.FeatureHead(3, "linear")], batch)
+    (logits, first, last), (_, probe_first, probe_last), (_, mlp_first, mlp_last) = _fit(
+        [adapter, CL.FeatureHead(3, "linear"), CL.FeatureHead(3, "mlp", hidden=16)], batch)
     # at init the adapter is the zero-shot classifier; training lowers both heads' loss
     np.testing.assert_allclose(logits, 10.0 * C.zero_shot_logits(feats, classifier),
                                rtol=1e-4, atol=1e-4)
     assert float(last) < 0.8 * float(first)
     assert float(probe_last) < 0.8 * float(probe_first)
+    assert float(mlp_last) < 0.8 * float(mlp_first)
     with pytest.raises(UserError, match="needs the zero-shot classifier"):
         CL.FeatureHead(3, "adapter").init(jax.random.key(0), feats)

@@ -15,6 +15,11 @@ Captions are text; `tokenize_captions` turns them into padded id arrays with any
 tokenizer (`caption_tokenizer()` is the default character one). A caption longer than the
 text context is an error (one line, `ConfigError`: exit 2), never silently truncated: a cut caption
 could drop the very word ("circle") that a contrastive loss must see.
+
+For VQA, `make_qa(split)` asks every templated question (`questions_for`: counts, colours,
+shapes, what is left / right of an object, which side) that has one right answer in each scene,
+and `tokenize_qa` lays out question + answer rows with the answer-only loss mask. The splits are
+the same, so held-out pairs never appear in a training question or answer either.
 """
 from __future__ import annotations
 
@@ -195,9 +200,10 @@ def make_splits(n_train: int, n_test: int, n_heldout: int, seed: int = 0) -> dic
 # Text.
 
 def caption_vocabulary() -> str:
-    """Every character any caption, class name or prompt here can hold."""
+    """Every character any caption, class name, prompt or question here can hold."""
     words = (COLOURS + SHAPES + SIZES + COUNT_WORDS + SIDES
-             + ("a", "photo", "of", "and", "on", "black", "s", "how", "many", "what", "is"))
+             + ("a", "photo", "of", "and", "on", "black", "s", "how", "many", "what", "is",
+                "are", "the", "colour", "shape", "ones", "where"))
     return "".join(sorted(set(" ".join(words)) | set(" ?")))
 
 
@@ -232,3 +238,98 @@ def tokenize_captions(tok: Tokenizer, captions, context: int) -> tuple[np.ndarra
         ids[i, :len(row)] = row
         valid[i, :len(row)] = True
     return ids, valid
+
+
+# ---------------------------------------------------------------------------------------
+# Questions and answers (chapter 5's VQA lab).
+
+QUESTION_KINDS = ("count", "colour", "shape", "relation", "side")
+
+
+@dataclasses.dataclass(frozen=True)
+class QA:
+    """M templated questions about the scenes of one split, each with its short answer."""
+    scene: np.ndarray          # [M] int32, the scene (index into the split) asked about
+    kind: np.ndarray           # [M] int32, index into QUESTION_KINDS
+    questions: tuple           # M strings ("how many red squares?")
+    answers: tuple             # M strings ("two")
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def questions_for(colour: int, shape: int, size: int, count: int, other_colour: int,
+                  other_shape: int, side: int) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) of every template that has one right answer in this scene.
+
+    count:    "how many red squares?" -> "two" (only about objects that are there)
+    colour:   "what colour are the squares?" -> "red" (when no other object has that shape)
+    shape:    "what shape is the red one?" -> "square" (when no other object has that colour)
+    relation: "what is left of the blue circle?" -> "red square" (the colour and shape)
+    side:     "where is the blue circle?" -> "right" (of the other object)
+    """
+    del size  # the templates do not ask about size
+    k, s = COLOURS[colour], SHAPES[shape]
+    objects = [(k, s, count)]
+    if other_colour >= 0:
+        objects.append((COLOURS[other_colour], SHAPES[other_shape], 1))
+    out = []
+    for kk, ss, n in objects:
+        out.append(("count", f"how many {kk} {plural(ss, 2)}?", COUNT_WORDS[n - 1]))
+        verb, noun, one = ("is", ss, "one") if n == 1 else ("are", plural(ss, n), "ones")
+        if sum(o[1] == ss for o in objects) == 1:
+            out.append(("colour", f"what colour {verb} the {noun}?", kk))
+        if sum(o[0] == kk for o in objects) == 1:
+            out.append(("shape", f"what shape {verb} the {kk} {one}?", ss))
+    if other_colour >= 0:
+        (k2, s2, _), where, opposite = objects[1], SIDES[side], SIDES[1 - side]
+        out += [("relation", f"what is {where} of the {k2} {s2}?", f"{k} {s}"),
+                ("relation", f"what is {opposite} of the {k} {plural(s, count)}?", f"{k2} {s2}"),
+                ("side", f"where {'is' if count == 1 else 'are'} the {k} {plural(s, count)}?",
+                 where),
+                ("side", f"where is the {k2} {s2}?", opposite)]
+    return out
+
+
+def make_qa(split: Scenes) -> QA:
+    """Every question of `questions_for` about every scene of a split, scene-major. A split
+    made without held-out pairs (train, test) asks about none: its scenes hold none."""
+    rows = []
+    for i in range(len(split)):
+        attrs = {k: int(getattr(split, k)[i]) for k in ("colour", "shape", "size", "count",
+                                                        "other_colour", "other_shape", "side")}
+        rows += [(i, kind, q, a) for kind, q, a in questions_for(**attrs)]
+    scene, kind, questions, answers = zip(*rows)
+    return QA(scene=np.array(scene, np.int32),
+              kind=np.array([QUESTION_KINDS.index(k) for k in kind], np.int32),
+              questions=questions, answers=answers)
+
+
+def answer_vocabulary() -> tuple[str, ...]:
+    """Every answer a template can give: counts, colours, shapes, sides, colour x shape pairs
+    (the classes of a classifier VQA head; held-out pairs never answer a training question)."""
+    return COUNT_WORDS + COLOURS + SHAPES + SIDES + tuple(class_names())
+
+
+def tokenize_qa(tok: Tokenizer, questions, answers, context: int) -> dict[str, np.ndarray]:
+    """Question + " " + answer + PAD (the end of the answer) as next-token rows of `context`:
+    {"inputs", "targets" [N, context] int32, "mask" [N, context] bool (the targets that are an
+    answer token or its end: the answer-only loss), "start" [N] int32 (the first answer
+    token's position in the row)}. A question whose row does not fit is a ConfigError
+    (exit 2) naming it, never truncated."""
+    if context < 1:
+        raise UserError(f"text context must be >= 1, got {context}")
+    pad = pad_id(tok)
+    seq = np.full((len(questions), context + 1), pad, np.int32)
+    mask = np.zeros((len(questions), context), bool)
+    start = np.zeros(len(questions), np.int32)
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        prompt, answer = tok.encode(q + " "), tok.encode(a)
+        n = len(prompt) + len(answer)
+        if n > context:
+            raise ConfigError(f"question {q!r} with its answer is {n} tokens, longer than the "
+                              f"text context {context}; raise the context")
+        seq[i, :n] = prompt + answer
+        mask[i, len(prompt) - 1:n] = True  # targets: the answer's tokens, then its end (PAD)
+        start[i] = len(prompt)
+    return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": mask, "start": start}

@@ -1,5 +1,5 @@
 """CLIP / SigLIP dual encoders (Radford et al. 2021; Zhai et al. 2023), the contrastive task
-for the shared loop, and few-shot heads on frozen features (linear probe, residual adapter).
+for the shared loop, and few-shot heads on frozen features (linear probe, MLP, residual adapter).
 
     image tower: any encoder (images [B, H, W, C] -> features [B, E] or {"pooled": ...},
                  e.g. models/vit.ViT) + a linear projection to the joint width;
@@ -162,9 +162,10 @@ def contrastive_task(model: CLIP, mesh=None, axis: str = "data") -> Task:
 
 # ---------------------------------------------------------------- heads on frozen features
 class FeatureHead(nn.Module):
-    """A few-shot head on frozen image embeddings [B, D] -> logits [B, K].
+    """A few-shot head on frozen embeddings [B, D] -> logits [B, K].
 
-    kind="linear": a linear probe (CLIP section 3.2). kind="adapter": CLIP-Adapter (Gao et al.
+    kind="linear": a linear probe (CLIP section 3.2). kind="mlp": one hidden ReLU layer of
+    `hidden` units (a late-fusion classifier on frozen features). kind="adapter": CLIP-Adapter (Gao et al.
     2021, eq. 2-3): f' = ratio * MLP(f) + (1 - ratio) * f, scored by cosine against the
     zero-shot class embeddings `classifier_KxD` times `scale`; the MLP's output layer starts
     at zero, so before training the adapter is exactly the zero-shot classifier.
@@ -180,8 +181,11 @@ class FeatureHead(nn.Module):
     def __call__(self, feats_BxD):
         if self.kind == "linear":
             return nn.Dense(self.num_classes, name="probe")(feats_BxD)
+        if self.kind == "mlp":
+            h = nn.relu(nn.Dense(self.hidden, name="hidden")(feats_BxD))
+            return nn.Dense(self.num_classes, name="out")(h)
         if self.kind != "adapter":
-            raise UserError(f"feature head kind={self.kind!r} is not linear or adapter")
+            raise UserError(f"feature head kind={self.kind!r} is not linear, mlp or adapter")
         if self.classifier_KxD is None or self.classifier_KxD.shape[0] != self.num_classes:
             raise UserError("the adapter needs the zero-shot classifier [num_classes, D]")
         h = nn.relu(nn.Dense(self.hidden, name="down")(feats_BxD))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxcourse import config
+from jaxcourse.lm.configs import small_gpt
 
 
 def vit_model(**overrides) -> dict:
@@ -131,6 +132,10 @@ def clip_config(preset: str) -> ml_collections.ConfigDict:
     cfg.scenes = {"n_train": 4000, "n_test": 500, "n_heldout": 500, "seed": 0}
     cfg.zero_shot = {"templates": CLIP_TEMPLATES}
     cfg.retrieval = {"queries": 6, "top": 5}  # rows and columns of the retrieval grid
+    # Few-shot heads on the frozen image embeddings of the train split (clip_lab.py): the
+    # factored linear probe and CLIP-Adapter, each trained this way with the one loop.
+    cfg.heads = {"steps": 300, "lr": 1e-2, "batch_size": 128, "adapter_ratio": 0.2,
+                 "adapter_hidden": 32}
     cfg.eval_batch_size = 250
     t = cfg.train
     t.steps = 600  # measured: 440 s on 2 shared cores; more steps would help shape
@@ -144,6 +149,7 @@ def clip_config(preset: str) -> ml_collections.ConfigDict:
         cfg.clip.update(embed_dim=16, text_layers=1, text_heads=2, text_width=32)
         cfg.scenes.update(n_train=128, n_test=40, n_heldout=40)
         cfg.retrieval.update(queries=2)
+        cfg.heads.update(steps=20, batch_size=32)
         cfg.eval_batch_size = 40
         t.steps = 20
         t.batch_size = 32
@@ -162,6 +168,54 @@ def clip_config(preset: str) -> ml_collections.ConfigDict:
         t.steps_per_call = 50
         t.precision = "bfloat16"
         o.warmup_steps = 1000
+    return cfg
+
+
+def vqa_config(preset: str) -> ml_collections.ConfigDict:
+    """VQA on the generated scenes (vision/vqa.py): CLIP first (model, clip, train, optimizer:
+    the CLIP lab's sections on smaller images' worth of patches and fewer steps), then the
+    early-fusion VLM (vlm.*: its run; gpt.*: chapter 4's GPT, its vocabulary and context from
+    the tokenizer and the image) and the late-fusion MLP on frozen CLIP features (late.*)."""
+    cfg = clip_config(preset)
+    cfg.experiment = "vqa"
+    for unused in ("zero_shot", "retrieval", "heads"):
+        del cfg[unused]
+    # Patch 8: 16 image tokens in the GPT's context (patch 4 would be 64) on 2 CPU cores.
+    cfg.model.update(patch_size=8)
+    cfg.gpt = small_gpt(n_layer=2, n_head=4, d_model=64, pos="rope")
+    for computed in ("vocab_size", "context"):
+        del cfg.gpt[computed]
+    cfg.vlm = {
+        "projector": "mlp",      # linear | mlp
+        "train_vit": False,      # False: the CLIP image tower stays frozen (as late fusion's)
+        "vit_layers": 0,         # read the image tokens after this many ViT blocks; 0: all
+        "text_context": 56,      # question + answer tokens; the longest row is 53
+        "steps": 800,
+        "lr": 2e-3,
+        "batch_size": 64,
+    }
+    cfg.late = {"steps": 1000, "lr": 3e-3, "batch_size": 128, "hidden": 256}
+    cfg.scenes.update(n_train=2000, n_test=200, n_heldout=200)
+    cfg.figures = {"examples": 10}  # held-out questions in the example grid
+    t = cfg.train
+    t.steps = 400  # CLIP
+    t.eval_every = 400
+    if preset == "smoke":
+        cfg.gpt.update(n_layer=1, n_head=2, d_model=32)
+        cfg.vlm.update(steps=10, batch_size=16)
+        cfg.late.update(steps=10, batch_size=32, hidden=16)
+        cfg.scenes.update(n_train=64, n_test=20, n_heldout=20)
+        cfg.figures.examples = 5
+        t.steps = 10
+        t.batch_size = 16
+        t.eval_every = 10
+    elif preset == "gpu":
+        cfg.gpt.update(n_layer=4, n_head=4, d_model=128)
+        cfg.vlm.update(steps=5000, batch_size=256)
+        cfg.late.update(steps=5000, batch_size=512)
+        cfg.scenes.update(n_train=20000, n_test=1000, n_heldout=1000)
+        t.steps = 5000
+        t.eval_every = 1000
     return cfg
 
 
@@ -238,7 +292,7 @@ def chapter_config(preset: str) -> ml_collections.ConfigDict:
     cfg = config.base_config()
     cfg.experiment = "all"
     parts = {"vit_vs_cnn": vit_config(preset), "clip": clip_config(preset),
-             "mae": mae_config(preset), "dino": dino_config(preset)}
+             "mae": mae_config(preset), "dino": dino_config(preset), "vqa": vqa_config(preset)}
     parts["vit_vs_cnn"].experiment = "vit_vs_cnn"
     parts["vit_vs_cnn"].compare.fractions = (1.0,)
     cfg.parts = ",".join(parts)

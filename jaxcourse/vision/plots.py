@@ -141,3 +141,31 @@ def plot_collapse(rows: list[dict], log_k: float, path: pathlib.Path, title: str
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=90)
+
+
+def plot_vqa(images_NxHxWxC, questions: list[str], predicted: list[str], truth: list[str],
+             path: pathlib.Path, title: str, cols: int = 5) -> pathlib.Path:
+    """VQA examples: each image with its question, the model's answer and the true one
+    (green when they match, red otherwise)."""
+    n = len(questions)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= n:
+            ax.axis("off")
+            continue
+        ax.imshow(np.clip(images_NxHxWxC[i], 0, 1), interpolation="nearest")
+        ok = predicted[i] == truth[i]
+        ax.set_title(questions[i], fontsize=7)
+        ax.set_xlabel(f"answer: {predicted[i]}\ntrue: {truth[i]}", fontsize=7,
+                      color="tab:green" if ok else "tab:red")
+        for side in ax.spines.values():
+            side.set_edgecolor("tab:green" if ok else "tab:red")
+            side.set_linewidth(3)
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel("generated answer and the true one (green: exact match)", fontsize=8)
+    fig.supylabel("held-out scene", fontsize=8)
+    return save_figure(fig, path, dpi=90)
