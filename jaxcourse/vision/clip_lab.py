@@ -103,12 +103,6 @@ def fit_head(head: clip_lib.FeatureHead, features_NxD, labels_N, run_cfg,
     return state.params, m
 
 
-def log_softmax(x):
-    x = np.asarray(x, np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def few_shot_heads(cfg, workdir: pathlib.Path, data: dict, feats: dict, classes_KxD,
                    scale: float) -> dict:
     """The factored linear probe and the adapter, trained on the frozen image embeddings
@@ -139,7 +133,7 @@ def few_shot_heads(cfg, workdir: pathlib.Path, data: dict, feats: dict, classes_
     out = {"linear_probe": {}, "adapter": {}}
     for split, candidates in (("heldout", heldout), ("test", seen)):
         f, true = feats[split], data[split].label
-        lp = {n: log_softmax(head.apply({"params": p}, f)) for n, (head, p) in probes.items()}
+        lp = {n: np.asarray(jax.nn.log_softmax(head.apply({"params": p}, f))) for n, (head, p) in probes.items()}
         score = lp["colour"][:, candidates // n_shapes] + lp["shape"][:, candidates % n_shapes]
         out["linear_probe"][split] = float((candidates[score.argmax(-1)] == true).mean())
         logits = adapter(candidates).apply({"params": adapter_params}, f)
