@@ -128,8 +128,8 @@ def _sequential(u, delta, A, B, C, h0):
                    + (d_BxD * u_BxD)[..., None] * B_BxDxN)
         return h_BxDxN, jnp.sum(h_BxDxN * C_BxDxN, axis=-1)
 
-    # B and C stay [b, l, 1 or dim, n]: broadcasting them over the channels before the scan
-    # would move dim times more data through every step (3x slower here).
+    # B and C stay [b, l, 1 or dim, n]; the step broadcasts them. Broadcasting them over the
+    # channels before the scan made the forward 2x and the gradient 1.5x slower (measured).
     time_major = [jnp.moveaxis(x, 1, 0) for x in (u, delta, B, C)]
     last, y_LxBxD = jax.lax.scan(step, h0, time_major)
     return jnp.moveaxis(y_LxBxD, 0, 1), last
