@@ -122,3 +122,38 @@ def test_length_errors_are_clear():
         decode.generate(model, params, jnp.zeros((1, 10), jnp.int32), None, max_new_tokens=7)
     with pytest.raises(UserError, match=r"\[batch, length\]"):
         decode.generate(model, params, jnp.zeros((10,), jnp.int32), None, max_new_tokens=2)
+
+
+def test_per_row_prompt_lengths_and_prefix():
+    """Rows of different prompt lengths in one batch continue exactly as each alone; a prefix
+    of the prompt's own embeddings is the same as those tokens in the prompt."""
+    params, model = _params(TINY), GPT(TINY)
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(0, TINY.vocab_size, n, dtype=np.int32) for n in (3, 7, 5)]
+    padded = np.full((3, 9), 11, np.int32)  # junk after each row's end
+    for i, r in enumerate(rows):
+        padded[i, :len(r)] = r
+    got = decode.generate(model, params, padded, None, max_new_tokens=6, temperature=0.0,
+                          prompt_lengths_B=[len(r) for r in rows])
+    for i, r in enumerate(rows):
+        alone = decode.generate(model, params, r[None], None, max_new_tokens=6, temperature=0.0)
+        np.testing.assert_array_equal(got[i], alone[0])
+    head, tail = padded[:, :2], padded[:, 2:]
+    prefix = jnp.asarray(params["embed"]["embedding"])[head]
+    with_prefix = decode.generate(model, params, tail, None, max_new_tokens=6,
+                                  temperature=0.0, prefix_BxPxD=prefix,
+                                  prompt_lengths_B=[len(r) - 2 for r in rows])
+    np.testing.assert_array_equal(with_prefix, got)
+
+
+def test_per_row_lengths_errors():
+    model = GPT(TINY)
+    prompt = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(UserError, match=r"prompt_lengths_B must be \[2\] ints in 1..4"):
+        decode.generate(model, {}, prompt, None, max_new_tokens=2, prompt_lengths_B=[0, 4])
+    with pytest.raises(UserError, match="need use_cache=True"):
+        decode.generate(model, {}, prompt, None, max_new_tokens=2, prompt_lengths_B=[1, 4],
+                        use_cache=False)
+    rnn = GPT(dataclasses.replace(TINY, mixer="rwkv"))
+    with pytest.raises(UserError, match="needs attention mixers"):
+        decode.generate(rnn, {}, prompt, None, max_new_tokens=2, prompt_lengths_B=[1, 4])

@@ -10,8 +10,9 @@ fixed-size state for recurrent mixers). The whole loop is one compiled function:
 the prompt into the cache, then a `lax.scan` of decode steps.
 `use_cache=False` runs the same loop recomputing the full forward pass over the token
 buffer every step, the baseline the KV cache is measured against in chapter 3.
-Every sequence of the batch has the same prompt length (pad prompts on the left with real
-tokens of your corpus, or group prompts by length).
+Prompts of different lengths: pad them on the right and pass `prompt_lengths_B`; every row
+then continues from its own end (attention mixers only: their cache takes a fill level per
+row). `prefix_BxPxD` puts embeddings before the prompt (a vision-language model's image).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+import numpy as np
 
 from jaxcourse.errors import UserError
 
@@ -67,35 +70,55 @@ def check_lengths(model, prompt_len: int, max_new_tokens: int):
 
 def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int = -1,
-             use_cache: bool = True):
+             use_cache: bool = True, prefix_BxPxD=None, prompt_lengths_B=None):
     """Samples max_new_tokens continuations; returns the new tokens [B, max_new_tokens].
 
     rng may be None for greedy decoding (temperature 0).
     After a row emits eos_id (if >= 0) it keeps emitting eos_id. Compiled once per
     (config, shapes, sampling settings).
+    `prompt_lengths_B` (host ints, 1..T): row b's prompt is prompt_BxT[b, :length]; what the
+    row holds after it is ignored. `prefix_BxPxD`: embeddings the model places before the
+    prompt (GPT's `prefix_BxPxD`); both need `use_cache`.
     """
     prompt_BxT = jnp.asarray(prompt_BxT, jnp.int32)
     if prompt_BxT.ndim != 2:
         raise UserError(f"prompt must be [batch, length] token ids, got shape {prompt_BxT.shape}")
-    check_lengths(model, prompt_BxT.shape[1], max_new_tokens)
+    if (prefix_BxPxD is not None or prompt_lengths_B is not None) and not use_cache:
+        raise UserError("prefix_BxPxD and prompt_lengths_B need use_cache=True")
+    if prompt_lengths_B is not None:
+        pattern = getattr(getattr(model, "cfg", None), "pattern", ("attention",))
+        if any(kind != "attention" for kind in pattern):
+            raise UserError(f"prompt_lengths_B needs attention mixers (a fill level per row); "
+                            f"the model's are {pattern}")
+        lengths_B = np.asarray(prompt_lengths_B)
+        if lengths_B.shape != prompt_BxT.shape[:1] or not (
+                (lengths_B >= 1) & (lengths_B <= prompt_BxT.shape[1])).all():
+            raise UserError(f"prompt_lengths_B must be [{prompt_BxT.shape[0]}] ints in 1.."
+                            f"{prompt_BxT.shape[1]}, got {lengths_B.tolist()}")
+        prompt_BxT = prompt_BxT[:, :int(lengths_B.max())]  # the columns some row reads
+        prompt_lengths_B = jnp.asarray(lengths_B, jnp.int32)
+    n_prefix = 0 if prefix_BxPxD is None else prefix_BxPxD.shape[1]
+    check_lengths(model, n_prefix + prompt_BxT.shape[1], max_new_tokens)
     if rng is None:
         if temperature != 0.0:
             raise UserError("sampling with temperature > 0 needs an rng key")
         rng = jax.random.key(0)  # Greedy decoding ignores it.
     sampling = (float(temperature), int(top_k), float(top_p), int(eos_id))
     return _generate(model, sampling, max_new_tokens, use_cache, nn.meta.unbox(params),
-                     prompt_BxT, rng)
+                     prompt_BxT, rng, prefix_BxPxD, prompt_lengths_B)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _generate(model, sampling, max_new_tokens, use_cache, params, prompt_BxT, rng):
+def _generate(model, sampling, max_new_tokens, use_cache, params, prompt_BxT, rng,
+              prefix_BxPxD=None, lengths_B=None):
     temperature, top_k, top_p, eos_id = sampling
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k,
                                top_p=top_p)
     b, t = prompt_BxT.shape
-    total = t + max_new_tokens
+    total = t + max_new_tokens + (0 if prefix_BxPxD is None else prefix_BxPxD.shape[1])
     if use_cache:
-        state, logits_BxV = prefill(model, params, prompt_BxT, total)
+        state, logits_BxV = prefill(model, params, prompt_BxT, total,
+                                    prefix_BxPxD=prefix_BxPxD, lengths_B=lengths_B)
         step_fn = functools.partial(cached_step, model, params)
     else:
         state, logits_BxV = _recompute_prefill(model, params, prompt_BxT, total)
@@ -136,11 +159,20 @@ def time_generate(model: nn.Module, params, batch: int, prompt_len: int, new_tok
     return min(times), out
 
 
-def prefill(model: nn.Module, params, prompt_BxT, cache_len: int = 0):
-    """Runs the prompt through the model into a fresh cache; returns (cache, last logits)."""
+def prefill(model: nn.Module, params, prompt_BxT, cache_len: int = 0, *, prefix_BxPxD=None,
+            lengths_B=None):
+    """Runs the prompt (after `prefix_BxPxD`, if given) through the model into a fresh cache;
+    returns (cache, the logits of the last prompt token). With `lengths_B` row b ends at
+    its own length: the cache's fill level becomes per row, and what it holds past a row's
+    end is never attended (causal) and overwritten by the tokens decoded next."""
     cache = model.init_cache(prompt_BxT.shape[0], cache_len)
-    logits_BxTxV, cache = model.apply({"params": params}, prompt_BxT, cache=cache)
-    return cache, logits_BxTxV[:, -1]
+    extra = {} if prefix_BxPxD is None else {"prefix_BxPxD": prefix_BxPxD}
+    logits_BxTxV, cache = model.apply({"params": params}, prompt_BxT, cache=cache, **extra)
+    if lengths_B is None:
+        return cache, logits_BxTxV[:, -1]
+    ends_B = logits_BxTxV.shape[1] - prompt_BxT.shape[1] + lengths_B
+    cache = {**cache, "index": ends_B.astype(jnp.int32)}
+    return cache, logits_BxTxV[jnp.arange(ends_B.shape[0]), ends_B - 1]
 
 
 def cached_step(model: nn.Module, params, cache, token_B):

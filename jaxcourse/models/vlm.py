@@ -7,20 +7,21 @@ before the text tokens, so every text token attends to every image patch in ever
 
 `vqa_task` trains it with the shared loop on question + answer rows with the answer-only
 loss (data/scenes.tokenize_qa's mask: question tokens and image positions count for nothing).
-`greedy_answers` generates the answers; exact match of the generated answer is the VQA metric.
+`greedy_answers` generates the answers (the one sampler, decode.generate); exact match of the generated answer is the VQA metric.
 The parameters sit under "vit", "projector" and "gpt", so a CLIP image tower drops in as
 {"vit": ...} and `optimizer.frozen="^vit/"` keeps it frozen.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxcourse.errors import ConfigError
 from jaxcourse.lm.task import lm_loss
+from jaxcourse.models import decode
 from jaxcourse.models.transformer import GPT, GPTConfig
 from jaxcourse.models.vit import ViT, ViTConfig, token_features
 from jaxcourse.train import Task
@@ -103,25 +104,16 @@ def vqa_task(model: VLM) -> Task:
 
 
 def greedy_answers(model: VLM, params, images_BxHxWxC, inputs_BxT, start_B, max_new: int):
-    """Greedy answers: from each row's position `start` (its first answer token), the argmax
-    token is written and fed back, `max_new` times; what the rows held from `start` on is
-    ignored. The image is encoded once; every step reruns the GPT over the whole row (rows
-    start at different positions, and causal attention ignores what lies after). Returns
-    the generated tokens [B, max_new]."""
-    prefix = model.apply({"params": params}, images_BxHxWxC, method=VLM.embed_image)
-    b, t = inputs_BxT.shape
-    rows_B = jnp.arange(b)
+    """Greedy answers [B, max_new]: row b's prompt is inputs_BxT[b, :start_B[b]] (its question,
+    up to the first answer token), after the image's prefix embeddings; decoded by the one
+    sampler (decode.generate, KV cache, a fill level per row). What the rows hold from
+    `start` on is ignored. `start_B`: host ints."""
+    prefix = _embed_image(model, params, images_BxHxWxC)
+    return decode.generate(GPT(model.cfg.gpt), params["gpt"], inputs_BxT, None,
+                           max_new_tokens=max_new, temperature=0.0, prefix_BxPxD=prefix,
+                           prompt_lengths_B=start_B)
 
-    def step(i, carry):
-        tokens_BxT, new_BxN = carry
-        logits = model.apply({"params": params}, prefix, tokens_BxT, method=VLM.text_logits)
-        at_B = jnp.minimum(start_B + i - 1, t - 1)  # its logits predict token start + i
-        nxt_B = logits[rows_B, at_B].argmax(-1).astype(tokens_BxT.dtype)
-        # (a token past the row's end is kept in new_BxN only: nothing reads it back)
-        write_B = jnp.minimum(start_B + i, t - 1)
-        keep_B = jnp.where(start_B + i < t, nxt_B, tokens_BxT[rows_B, write_B])
-        return tokens_BxT.at[rows_B, write_B].set(keep_B), new_BxN.at[:, i].set(nxt_B)
 
-    cleared = jnp.where(jnp.arange(t)[None] >= start_B[:, None], 0, inputs_BxT)
-    new = jnp.zeros((b, max_new), inputs_BxT.dtype)
-    return jax.lax.fori_loop(0, max_new, step, (cleared, new))[1]
+@functools.partial(jax.jit, static_argnums=0)
+def _embed_image(model: VLM, params, images_BxHxWxC):
+    return model.apply({"params": params}, images_BxHxWxC, method=VLM.embed_image)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import numpy as np
 
 from jaxcourse import config
@@ -77,16 +76,16 @@ def answer_strings(tok, new_BxN) -> list[str]:
 
 def generator(model, max_new: int):
     """generate(params, rows, batch_size) -> greedy answer tokens [N, max_new] of every row, in
-    batches of batch_size (the last one padded), compiled once for every split."""
-    fn = jax.jit(lambda p, x, t, s: vlm_lib.greedy_answers(model, p, x, t, s, max_new))
-
+    batches of batch_size (the last one padded); decode.generate compiles once per prompt
+    width (the longest question of a batch)."""
     def generate(params, rows: dict, batch_size: int) -> np.ndarray:
         n, out = len(rows["start"]), []
         for i in range(0, n, batch_size):
             idx = np.arange(i, min(i + batch_size, n))
             idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-            out.append(np.asarray(fn(params, rows["image"][idx], rows["inputs"][idx],
-                                     rows["start"][idx])))
+            out.append(np.asarray(vlm_lib.greedy_answers(
+                model, params, rows["image"][idx], rows["inputs"][idx], rows["start"][idx],
+                max_new)))
         return np.concatenate(out)[:n]
 
     return generate
