@@ -178,59 +178,64 @@ def _chunked(u, delta, A, B, C, h0, chunk):
     return y[:, :l], last
 
 
-def _linear_scan(a_LxBxDxN, b_LxBxDxN, h_BxDxN, reverse=False):
-    """Every h_t = a_t * h_{t-1} + b_t (time-major; reverse: h_t = a_t * h_{t+1} + b_t)."""
-    def step(h, ab):
-        h = ab[0] * h + ab[1]
-        return h, h
-    return jax.lax.scan(step, h_BxDxN, (a_LxBxDxN, b_LxBxDxN), reverse=reverse, unroll=8)[1]
-
-
 @jax.custom_vjp
-def _analytic_tm(u_LxBxD, d_LxBxD, A, B_LxBxKxN, C_LxBxKxN, h0):
-    return _analytic_fwd(u_LxBxD, d_LxBxD, A, B_LxBxKxN, C_LxBxKxN, h0)[0]
+def _analytic_tm(u_LxBxD, d_LxBxD, A_NxD, B_LxBxNxK, C_LxBxNxK, h0_BxNxD):
+    return _analytic_fwd(u_LxBxD, d_LxBxD, A_NxD, B_LxBxNxK, C_LxBxNxK, h0_BxNxD)[0]
 
 
 def _analytic_fwd(u, d, A, B, C, h0):
-    decay = jnp.exp(d[..., None] * A)
-    hs = _linear_scan(decay, (d * u)[..., None] * B, h0)
-    return (jnp.sum(hs * C, axis=-1), hs[-1]), (u, d, A, B, C, h0, hs)
+    """Time-major, state-major ([B, N, D]: the channels are the vector lanes, a sum over the
+    state a sum of rows) forward scan that emits y_t and keeps every state."""
+    def step(h_BxNxD, xs):
+        u_BxD, d_BxD, B_BxNxK, C_BxNxK = xs
+        h_BxNxD = (jnp.exp(d_BxD[:, None] * A) * h_BxNxD
+                   + B_BxNxK * (d_BxD * u_BxD)[:, None])
+        return h_BxNxD, (jnp.sum(h_BxNxD * C_BxNxK, axis=1), h_BxNxD)
+
+    last, (y, hs) = jax.lax.scan(step, h0, (u, d, B, C))
+    return (y, last), (u, d, A, B, C, h0, hs)
 
 
 def _analytic_bwd(res, cotangents):
-    """The adjoint of the recurrence is the same scan run backwards in time:
-    g_t = dL/dh_t = C_t * dy_t + exp(delta_{t+1} A) * g_{t+1}; every gradient is then an
-    elementwise product with the stored states, summed."""
+    """The adjoint runs backwards in time in one fused scan: g_t = dL/dh_t = C_t dy_t +
+    exp(delta_{t+1} A) g_{t+1}. Each step reads its input state h_{t-1} (stored) and emits
+    the step's gradients; dA accumulates in the carry."""
     u, d, A, B, C, h0, hs = res
     gy, glast = cotangents
-    decay = jnp.exp(d[..., None] * A)
-    a_next = jnp.concatenate([decay[1:], jnp.ones_like(decay[:1])])
-    g = _linear_scan(a_next, gy[..., None] * C, glast, reverse=True)
+    shared = B.shape[-1] == 1  # B, C of [L, B, N, 1]: one per state, shared by the channels
+
+    def step(carry, xs):
+        g_next, gA_NxD = carry
+        u_BxD, d_BxD, B_BxNxK, C_BxNxK, gy_BxD, h_prev = xs
+        g = g_next + C_BxNxK * gy_BxD[:, None]
+        decay = jnp.exp(d_BxD[:, None] * A)
+        g_decay = g * h_prev * decay                   # d/d(delta A) of the decay term
+        gB_sum = jnp.sum(g * B_BxNxK, axis=1)
+        g_d = jnp.sum(g_decay * A, axis=1) + u_BxD * gB_sum
+        g_B = g * (d_BxD * u_BxD)[:, None]
+        g_B = jnp.sum(g_B, axis=2, keepdims=True) if shared else g_B
+        gA_NxD = gA_NxD + jnp.sum(g_decay * d_BxD[:, None], axis=0)
+        return (decay * g, gA_NxD), (d_BxD * gB_sum, g_d, g_B)
+
     h_prev = jnp.concatenate([h0[None], hs[:-1]])
-    g_decay = g * h_prev * decay                      # d/d(delta A) of the decay term
-    gB_sum = jnp.sum(g * B, axis=-1)                  # sum_n g * B
-    g_d = jnp.sum(g_decay * A, axis=-1) + u * gB_sum
-    g_u = d * gB_sum
-    g_A = jnp.einsum("lbdn,lbd->dn", g_decay, d)
-
-    def per_group(x):  # B and C of [L, B, 1, N] (shared by every channel): sum the channels
-        return jnp.sum(x, axis=2, keepdims=True) if B.shape[2] == 1 else x
-
-    g_B = per_group(g * (d * u)[..., None])
-    g_C = per_group(gy[..., None] * hs)
-    return g_u, g_d, g_A, g_B, g_C, decay[0] * g[0]
+    (g_h0, g_A), (g_u, g_d, g_B) = jax.lax.scan(
+        step, (glast, jnp.zeros_like(A)), (u, d, B, C, gy, h_prev), reverse=True)
+    g_C = gy[:, :, None] * hs
+    g_C = jnp.sum(g_C, axis=3, keepdims=True) if shared else g_C
+    return g_u, g_d, g_A, g_B, g_C, g_h0
 
 
 _analytic_tm.defvjp(_analytic_fwd, _analytic_bwd)
 
 
 def _analytic(u, delta, A, B, C, h0):
-    """A time-major lax.scan forward that keeps every state, and a hand-written backward
-    (`_analytic_bwd`): no autodiff through the loop, which on the 2-core CPU is what makes a
-    small Mamba LM fast (the states of a short context fit in memory)."""
-    y, last = _analytic_tm(*(jnp.moveaxis(x, 1, 0) for x in (u, delta)), A,
-                           *(jnp.moveaxis(x, 1, 0) for x in (B, C)), h0)
-    return jnp.moveaxis(y, 0, 1), last
+    """A forward scan that keeps every state and a hand-written backward scan
+    (`_analytic_bwd`): no autodiff through the loop."""
+    def tm(x):  # [b, l, K, n] -> [l, b, n, K]
+        return jnp.moveaxis(x, 1, 0).swapaxes(2, 3)
+    y, last = _analytic_tm(jnp.moveaxis(u, 1, 0), jnp.moveaxis(delta, 1, 0), A.T, tm(B),
+                           tm(C), h0.swapaxes(1, 2))
+    return jnp.moveaxis(y, 0, 1), last.swapaxes(1, 2)
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
