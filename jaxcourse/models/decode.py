@@ -22,7 +22,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from jaxcourse.errors import UserError
