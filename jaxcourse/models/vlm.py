@@ -7,7 +7,8 @@ before the text tokens, so every text token attends to every image patch in ever
 
 `vqa_task` trains it with the shared loop on question + answer rows with the answer-only
 loss (data/scenes.tokenize_qa's mask: question tokens and image positions count for nothing).
-`greedy_answers` generates the answers (the one sampler, decode.generate); exact match of the generated answer is the VQA metric.
+`greedy_answers` generates the answers (the one sampler, decode.generate); exact match of
+the generated answer is the VQA metric.
 The parameters sit under "vit", "projector" and "gpt", so a CLIP image tower drops in as
 {"vit": ...} and `optimizer.frozen="^vit/"` keeps it frozen.
 """
