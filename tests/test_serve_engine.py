@@ -150,7 +150,7 @@ def test_bad_requests_are_user_errors(engine):
         engine.submit(Request([]))
     with pytest.raises(UserError, match="max_tokens"):
         SamplingParams(max_tokens=0)
-    with pytest.raises(UserError, match="not all 'attention'"):
+    with pytest.raises(UserError, match="serve .* needs attention mixers"):
         Engine(GPTConfig(vocab_size=8, context=8, n_layer=1, d_model=8, n_head=2,
                          mixer="mamba"), {})
 

@@ -85,10 +85,8 @@ def generate(model: nn.Module, params, prompt_BxT, rng, *, max_new_tokens: int,
     if (prefix_BxPxD is not None or prompt_lengths_B is not None) and not use_cache:
         raise UserError("prefix_BxPxD and prompt_lengths_B need use_cache=True")
     if prompt_lengths_B is not None:
-        pattern = getattr(getattr(model, "cfg", None), "pattern", ("attention",))
-        if any(kind != "attention" for kind in pattern):
-            raise UserError(f"prompt_lengths_B needs attention mixers (a fill level per row); "
-                            f"the model's are {pattern}")
+        if hasattr(model, "cfg"):
+            model.cfg.require_attention("prompt_lengths_B (a KV-cache fill level per row)")
         lengths_B = np.asarray(prompt_lengths_B)
         if lengths_B.shape != prompt_BxT.shape[:1] or not (
                 (lengths_B >= 1) & (lengths_B <= prompt_BxT.shape[1])).all():

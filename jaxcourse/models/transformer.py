@@ -111,6 +111,11 @@ class GPTConfig:
             return (self.mixer,)
         return tuple(k.strip() for k in self.layer_pattern.split(","))
 
+    def require_attention(self, what: str) -> None:
+        """A UserError unless every mixer is attention; `what` names the feature needing it."""
+        if any(kind != "attention" for kind in self.pattern):
+            raise UserError(f"{what} needs attention mixers; the model's are {self.pattern}")
+
     def options_for(self, kind: str, name: str):
         """The options of sublayer `name` (config values, else its defaults; None if it
         has no options)."""

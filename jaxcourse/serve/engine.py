@@ -70,9 +70,7 @@ class Engine:
         context, n_layer, kv_heads, head_dim, compute_dtype and pattern, and no model module
         is imported (serve/export.py passes (None, None) and sets prefill_fn / step_fn once
         the engine knows its shapes). Default: the GPT's own jitted steps."""
-        if any(kind != "attention" for kind in model_cfg.pattern):
-            raise UserError(f"serve: the paged cache holds attention keys and values; "
-                            f"model mixers {model_cfg.pattern} are not all 'attention'")
+        model_cfg.require_attention("serve (its paged cache holds attention keys and values)")
         self.cfg = model_cfg
         self.params = nn.meta.unbox(params)
         self.layout = paged_cache.PagedLayout(
