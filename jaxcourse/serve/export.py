@@ -58,9 +58,8 @@ class ExportedConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
-    @property
-    def pattern(self) -> tuple[str, ...]:
-        return ("attention",) * self.n_layer  # the paged engine serves attention only
+    def require_attention(self, what: str) -> None:
+        """GPTConfig's guard: an export is written from an engine, so its mixers are attention."""
 
 
 def export_engine(engine: Engine, tok, out_dir, sampling_defaults: dict | None = None) -> None:
