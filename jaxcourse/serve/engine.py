@@ -67,7 +67,7 @@ class Engine:
         prompt is prefilled alone). `steps`: (prefill, decode chunk) with the signatures of
         `steps.prefill` / `steps.decode_chunk` less the model and the chunk length
         (serve/export.py's exported ones); then `model_cfg` need only carry
-        context, n_layer, kv_heads, head_dim, compute_dtype and pattern, and no model module
+        context, n_layer, kv_heads, head_dim, compute_dtype and require_attention, and no model module
         is imported (serve/export.py passes (None, None) and sets prefill_fn / step_fn once
         the engine knows its shapes). Default: the GPT's own jitted steps."""
         model_cfg.require_attention("serve (its paged cache holds attention keys and values)")
