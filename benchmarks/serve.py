@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--model DIR | --size 4x128] [--requests 32] [--clients 1,8,32]
                                [--slots 32] [--decode-steps 8] [--max-tokens 48] [--repeats 1]
-                               [--out FILE.json]
+                               [--server process|thread] [--out FILE.json]
 
 The same `--requests` greedy completions (prompts of 8, 16 or 32 characters of the embedded
 stdlib corpus) are served three ways:
@@ -10,9 +10,10 @@ stdlib corpus) are served three ways:
                   for each prompt length is warmed up first and not timed)
     engine        all requests submitted at once to the engine, stepped in this thread
                   (generate and engine passes alternate, --repeats times each)
-    http C=1..32  the server of jaxcourse/serve (engine thread + uvicorn, in this process) with
-                  C concurrent streaming clients (httpx.AsyncClient), each taking the next
-                  request when its last one finished
+    http C=1..32  the server, `python -m jaxcourse.serve` in its own process (as deployed;
+                  `--server thread`: engine thread + uvicorn in this process, sharing its
+                  GIL with the clients), with C concurrent streaming clients
+                  (httpx.AsyncClient), each taking the next request when its last one finished
 Reported: output tokens/s over the whole batch of requests (wall clock), p50 / p99 time to
 first token and inter-token latency as the clients see them, and the load average of the machine, since clients,
 server and engine share its cores. Without --model, a random GPT of chapter 4's CPU size
@@ -26,15 +27,20 @@ tokens. Inter-token latency: each chunk's wait since the previous one, spread ov
 """
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def _model(args):
@@ -126,7 +132,6 @@ async def _clients(base, prompts, max_tokens, concurrency):
 def _served(cfg, params, tok, prompts, args, generate_pass):
     from jaxcourse.serve.engine import Engine, Request, SamplingParams
     from jaxcourse.serve.metrics import ServeMetrics
-    from jaxcourse.serve.server import ServerThread, make_app
 
     engine = Engine(cfg, params, slots=args.slots, block_size=args.block_size,
                     decode_steps=args.decode_steps, decode_text=tok.decode,
@@ -151,26 +156,66 @@ def _served(cfg, params, tok, prompts, args, generate_pass):
                  ("generate, one at a time", 1, "generate"),
                  (f"engine, no HTTP, {args.slots} slots", len(prompts), "engine"))]
     print(rows, flush=True)
-    engine.start()
-    server = ServerThread(make_app(engine, tok, "bench"))
-    base = f"http://127.0.0.1:{server.start()}"
-    try:
+    with _server(args, engine, cfg, params, tok) as base:
         asyncio.run(_clients(base, prompts[:2], 4, 2))  # the HTTP path's first calls
         for c in args.clients:  # the repeat of the best throughput, with its latencies
             seconds, tokens, ttft, itl, gaps = min(
                 (asyncio.run(_clients(base, prompts, args.max_tokens, c))
                  for _ in range(args.repeats)), key=lambda r: r[0])
             ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 2) if xs else None
-            rows.append({"mode": f"http, {args.slots} slots", "clients": c, "seconds": seconds,
+            rows.append({"mode": f"http ({args.server}), {args.slots} slots", "clients": c, "seconds": seconds,
                          "tokens": tokens, "tokens_per_second": tokens / seconds,
                          "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
                          "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99),
                          "gap_p50_ms": ms(gaps, 50), "gap_p99_ms": ms(gaps, 99)})
             print(rows[-1], flush=True)
-    finally:
-        server.stop()
-        engine.stop()
     return rows
+
+
+@contextlib.contextmanager
+def _server(args, engine, cfg, params, tok):
+    """The server's base URL: `python -m jaxcourse.serve` on the model saved to a temporary
+    folder, or (--server thread) the engine and uvicorn in threads of this process."""
+    if args.server == "thread":
+        from jaxcourse.serve.server import ServerThread, make_app
+
+        engine.start()
+        server = ServerThread(make_app(engine, tok, "bench"))
+        try:
+            yield f"http://127.0.0.1:{server.start()}"
+        finally:
+            server.stop()
+            engine.stop()
+        return
+    import httpx
+
+    from jaxcourse.lm import save_model
+
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        save_model(pathlib.Path(tmp), cfg, params, tok)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()  # the server binds it next
+        proc = subprocess.Popen([sys.executable, "-m", "jaxcourse.serve", "--model", tmp,
+                                 "--port", str(port), "--slots", str(args.slots),
+                                 "--block-size", str(args.block_size),
+                                 "--decode-steps", str(args.decode_steps), "--no-cache"],
+                                cwd=REPO)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 600
+            while True:  # warmup compiles every step shape before uvicorn listens
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start (exit {proc.returncode})")
+                try:
+                    if httpx.get(f"{base}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.5)
+            yield base
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def main():
@@ -186,6 +231,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=1, help="best of this many runs per row "
                    "(the machine may be shared)")
+    p.add_argument("--server", choices=("process", "thread"), default="process",
+                   help="the HTTP server in its own process, or in threads of this one")
     p.add_argument("--out", default="")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]

@@ -32,6 +32,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", default="runs/serve", help="where a tiny default model goes")
     p.add_argument("--slots", type=int, default=8, help="concurrent decode slots")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--decode-steps", type=int, default=8, help="tokens per slot per decode "
+                   "call (one host round trip)")
     p.add_argument("--num-blocks", type=int, default=0,
                    help="KV blocks in the pool, the scratch block 0 included (0: every slot "
                    "can hold a whole context)")
@@ -39,7 +41,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    "16,64,256 (default: powers of two from 16, and the context)")
     p.add_argument("--export", metavar="DIR", help="write the exported engine to DIR and exit")
     p.add_argument("--from-export", metavar="DIR", help="serve an exported engine (no model "
-                   "code; --slots, --block-size, --num-blocks, --buckets come from it)")
+                   "code; --slots, --block-size, --num-blocks, --buckets, --decode-steps "
+                   "come from it)")
     p.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
     return p.parse_args(argv)
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             args.model, pathlib.Path(args.workdir))
         eng = engine.Engine(model_cfg, params, slots=args.slots, block_size=args.block_size,
                             num_blocks=args.num_blocks, buckets=_buckets(args.buckets),
-                            decode_text=tok.decode,
+                            decode_steps=args.decode_steps, decode_text=tok.decode,
                             metrics=metrics.ServeMetrics())
         if args.export:
             from jaxcourse.serve import export  # noqa: PLC0415

@@ -39,8 +39,9 @@ import numpy as np
 from jaxcourse.errors import UserError
 from jaxcourse.serve.engine import Engine
 
-FORMAT = "jaxcourse-serve-export/3"  # 2: the decode call is a chunk of decode_steps;
-# 3: prefills per (bucket, batch), decode chunks per (rows, view width), heads-major views
+FORMAT = "jaxcourse-serve-export/4"  # 2: the decode call is a chunk of decode_steps;
+# 3: prefills per (bucket, batch), decode chunks per (rows, view width), heads-major views;
+# 4: one KV pool per layer (a list), not one stacked array
 MANIFEST = "manifest.json"
 
 

@@ -4,23 +4,28 @@ Keys and values live in fixed-size blocks of one pool per layer; a sequence owns
 blocks (its block table), allocated as it grows and freed when it finishes, so memory is
 spent on tokens that exist rather than on `context` positions per slot.
 
-    pool  {"k", "v": [L, num_blocks, block_size, K, D]}   (the L layers' pools, stacked)
-    table [slots, blocks_per_slot] int32                   (0 = the scratch block)
+    pool  {"k", "v": L arrays [num_blocks, K, block_size, D]}   (one pool per layer)
+    table [slots, blocks_per_slot] int32                        (0 = the scratch block)
 
 Block 0 is never handed out: it is the scratch block that unused table entries point at and
 padding positions are written to, so every gather and scatter has a static shape and never
 needs a branch. Whatever it holds sits at positions past a sequence's length, which the
 causal mask hides.
 
-`gather` turns a slot's blocks into the dense heads-major [L, S, K, P, D] layout the model's
-own attention mixer reads (models/attention.py); `write_token` / `write_prompt` scatter the keys and values
-the model produced back into the pool. `BlockAllocator` is the host-side free list.
+`gather_layer` turns the slots' blocks of one layer into the dense heads-major [S, K, P, D]
+layout the model's own attention mixer reads (models/attention.py); `write_token` /
+`write_prompt` scatter the keys and values the model produced back into the pool.
+`BlockAllocator` is the host-side free list. The layers' pools are separate arrays, not one
+stacked [L, ...] array: XLA merges the per-layer gathers of a stacked pool into one gather
+of every layer's blocks followed by per-layer slices, which writes each view twice. Blocks
+are heads-major ([K, block_size, D]) so that the view's transpose moves whole blocks of a
+head. In a profile of one decode chunk (32 slots, 128 positions, 8 steps, a 4x256 GPT) the
+views took 14-17 ms in two passes before, 9 ms in one now, of a 33-37 ms chunk.
 """
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from jaxcourse.errors import UserError
@@ -65,45 +70,51 @@ class PagedLayout:
 
 
 def init_pool(layout: PagedLayout, dtype) -> dict:
-    shape = (layout.n_layer, layout.num_blocks, layout.block_size, layout.kv_heads,
-             layout.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    shape = (layout.num_blocks, layout.kv_heads, layout.block_size, layout.head_dim)
+    return {name: [jnp.zeros(shape, dtype) for _ in range(layout.n_layer)]
+            for name in ("k", "v")}
+
+
+def gather_layer(pool: dict, table_SxM, layer: int) -> dict:
+    """Dense views {"k", "v": [S, K, M * block_size, D]} of the slots' blocks in `layer`,
+    heads-major like the attention mixer's cache."""
+    def one(pools):
+        _, kh, bs, d = pools[layer].shape
+        s, m = table_SxM.shape
+        view = jnp.take(pools[layer], table_SxM.reshape(-1), axis=0)   # [S * M, K, bs, D]
+        return jnp.swapaxes(view.reshape(s, m, kh, bs, d), 1, 2).reshape(s, kh, m * bs, d)
+    return {name: one(pool[name]) for name in pool}
 
 
 def gather(pool: dict, table_SxM) -> dict:
-    """Dense per-slot views {"k", "v": [L, S, K, M * block_size, D]} of the slots' blocks,
-    heads-major like the attention mixer's cache."""
-    def one(pool_LxNxBxKxD):
-        n_layer, _, bs, kh, d = pool_LxNxBxKxD.shape
-        s, m = table_SxM.shape
-        view = pool_LxNxBxKxD[:, table_SxM].reshape(n_layer, s, m * bs, kh, d)
-        return jnp.swapaxes(view, 2, 3)
-    return jax.tree.map(one, pool)
+    """Every layer's views, stacked: {"k", "v": [L, S, K, M * block_size, D]}."""
+    views = [gather_layer(pool, table_SxM, i) for i in range(len(pool["k"]))]
+    return {name: jnp.stack([v[name] for v in views]) for name in pool}
 
 
 def write_token(pool: dict, table_SxM, positions_S, kv: dict, valid_S=None) -> dict:
     """Writes one token per row, kv {"k", "v": [L, S, K, D]}, at its position; rows where
     `valid_S` is False go to the scratch block."""
-    bs = pool["k"].shape[2]
+    bs = pool["k"][0].shape[2]
     blocks_S = jnp.take_along_axis(table_SxM, (positions_S // bs)[:, None], axis=1)[:, 0]
     if valid_S is not None:
         blocks_S = jnp.where(valid_S, blocks_S, SCRATCH)
     offsets_S = positions_S % bs
-    return {name: pool[name].at[:, blocks_S, offsets_S].set(kv[name].astype(pool[name].dtype))
-            for name in pool}
+    return {name: [p.at[blocks_S, :, offsets_S].set(kv[name][i].astype(p.dtype))
+                   for i, p in enumerate(pool[name])] for name in pool}
 
 
 def write_prompt(pool: dict, table_BxM, lengths_B, kv: dict) -> dict:
     """Writes each row's first `lengths_B[b]` positions, kv {"k", "v": [L, B, T, K, D]} (T a
     padded bucket length); the padding goes to the scratch block (a row of length 0 is
     padding only)."""
-    bs = pool["k"].shape[2]
+    bs = pool["k"][0].shape[2]
     t, m = kv["k"].shape[2], table_BxM.shape[1]
     pos_T = jnp.arange(t)
     blocks_BxT = jnp.where(pos_T < lengths_B[:, None],
                            table_BxM[:, jnp.minimum(pos_T // bs, m - 1)], SCRATCH)
-    return {name: pool[name].at[:, blocks_BxT, pos_T % bs].set(kv[name].astype(pool[name].dtype))
-            for name in pool}
+    return {name: [p.at[blocks_BxT, :, pos_T % bs].set(kv[name][i].astype(p.dtype))
+                   for i, p in enumerate(pool[name])] for name in pool}
 
 
 class BlockAllocator:

@@ -30,17 +30,16 @@ def decode_chunk(model, steps, params, pool, table_SxM, tokens_S, positions_S, c
     """`steps` tokens for every slot, each from its last token at its own position; slot s
     advances while counters_S[s] < limits_S[s] (tokens generated vs max_tokens), then idles.
     Free slots (limit 0) compute on scratch. Returns (pool, tokens [steps, S])."""
-    view = paged_cache.gather(pool, table_SxM)                         # [L, S, K, P, D]
-    n_layer, s = pool["k"].shape[0], table_SxM.shape[0]
+    n_layer, s = len(pool["k"]), table_SxM.shape[0]
     # The slots are the model's batch, each row at its own fill level (an index of shape
     # [S]). The scan carries one [S, K, P, D] cache per layer, a list, not stacked: the
     # model then writes each step's one new row per slot in place. vmapping the model over
     # slots instead stacked and sliced every layer's cache each step, copying all of it
     # (54 ms per step at 32 slots).
     if model.cfg.scan_layers:  # nn.scan over layers takes the stacked form (copies)
-        layers = view
+        layers = paged_cache.gather(pool, table_SxM)                  # [L, S, K, P, D]
     else:
-        layers = [jax.tree.map(lambda a, i=i: a[i], view) for i in range(n_layer)]
+        layers = [paged_cache.gather_layer(pool, table_SxM, i) for i in range(n_layer)]
 
     def step(carry, _):
         layers, tokens_S, positions_S, counters_S = carry
