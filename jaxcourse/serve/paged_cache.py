@@ -20,7 +20,7 @@ stacked [L, ...] array: XLA merges the per-layer gathers of a stacked pool into 
 of every layer's blocks followed by per-layer slices, which writes each view twice. Blocks
 are heads-major ([K, block_size, D]) so that the view's transpose moves whole blocks of a
 head. In a profile of one decode chunk (32 slots, 128 positions, 8 steps, a 4x256 GPT) the
-views took 14-17 ms in two passes before, 9 ms in one now, of a 33-37 ms chunk.
+views took 14-18 ms in two passes before (of a 37-40 ms chunk), 9 ms in one now (of 34 ms).
 """
 from __future__ import annotations
 
