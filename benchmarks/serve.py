@@ -163,8 +163,9 @@ def _served(cfg, params, tok, prompts, args, generate_pass):
                 (asyncio.run(_clients(base, prompts, args.max_tokens, c))
                  for _ in range(args.repeats)), key=lambda r: r[0])
             ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 2) if xs else None
-            rows.append({"mode": f"http ({args.server}), {args.slots} slots", "clients": c, "seconds": seconds,
-                         "tokens": tokens, "tokens_per_second": tokens / seconds,
+            rows.append({"mode": f"http ({args.server}), {args.slots} slots", "clients": c,
+                         "seconds": seconds, "tokens": tokens,
+                         "tokens_per_second": tokens / seconds,
                          "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
                          "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99),
                          "gap_p50_ms": ms(gaps, 50), "gap_p99_ms": ms(gaps, 99)})
@@ -191,11 +192,11 @@ def _server(args, engine, cfg, params, tok):
 
     from jaxcourse.lm import save_model
 
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        save_model(pathlib.Path(tmp), cfg, params, tok)
+    with socket.socket() as s:  # a free port; the server binds it next
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-        s.close()  # the server binds it next
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(pathlib.Path(tmp), cfg, params, tok)
         proc = subprocess.Popen([sys.executable, "-m", "jaxcourse.serve", "--model", tmp,
                                  "--port", str(port), "--slots", str(args.slots),
                                  "--block-size", str(args.block_size),
