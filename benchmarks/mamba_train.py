@@ -8,18 +8,20 @@ encoding; Mamba with d_model 128, expand 2, d_state 16, d_conv 4, dt_rank 8; con
 1e-4, clip 1.0; character-level tiny Shakespeare (first 90% train, last 10% validation).
 
     python benchmarks/mamba_train.py --mambapy <checkout of github.com/alxndrTL/mamba.py>
-        [--iters 500] [--repeats 2] [--torch-python /work/torchvenv/bin/python]
-        [extra --config.key=value for the JAX run, e.g. --config.model.mamba.scan=sequential]
+        [--iters 500] [--repeats 2] [--devices 1,2] [--skip-torch]
+        [--torch-python /work/torchvenv/bin/python]
+        [extra --config.key=value for the JAX run, e.g. --config.model.matmul=auto]
 
 PyTorch is not a project dependency and nothing of mamba.py is in this repo: the PyTorch side
 runs in its own interpreter (`python3 -m venv /work/torchvenv && /work/torchvenv/bin/pip
 install torch numpy`) and imports `mambapy` from the given checkout. The runs go one after
 the other (never together: they would share the cores), interleaved `--repeats` times;
-PyTorch runs with 2 threads. The script prints one markdown table: ms/step (training only,
-after compilation), tokens/s, the training loss averaged over the last 50 steps, validation
-loss (the mean over 200 random validation batches, jaxcourse's own estimate over
-`--eval-tokens` validation windows), wall seconds and the speed-up of the fastest run of
-each over the fastest mamba.py run.
+PyTorch runs with 2 threads, jaxcourse on one XLA device and on the CPU split into 2 devices
+(`--devices`, data parallel: each core runs half of every batch's scans). The script prints
+one markdown table: ms/step (training only, after compilation), tokens/s, the training loss
+averaged over the last 50 steps, validation loss (the mean over 200 random validation
+batches, jaxcourse's own estimate over `--eval-tokens` validation windows), wall seconds and
+the speed-up of the fastest run of each over the fastest mamba.py run.
 """
 import argparse
 import json
@@ -102,9 +104,16 @@ def torch_worker(mambapy, data_path, iters, seed, threads):
         "wall_s_in_process": time.perf_counter() - t_start}))
 
 
-def jax_run(data_path, iters, eval_tokens, extra):
-    """ch10's mixers experiment with the one model "mamba" in mamba.py's shape."""
+def jax_run(data_path, iters, eval_tokens, extra, devices):
+    """ch10's mixers experiment with the one model "mamba" in mamba.py's shape; with devices
+    > 1 the CPU is split into that many XLA devices and a data-parallel mesh spreads each batch
+    over them (the two cores then run the two halves of every scan at once)."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="mamba_bench_"))
+    env, mesh = dict(os.environ), []
+    if devices > 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={devices}").strip()
+        mesh = ["--config.mesh.devices=0", "--config.mesh.data=-1"]
     cmd = [sys.executable, "-m", "jaxcourse.ch10", "--config=configs/ch10_mixers.py:cpu",
            f"--workdir={workdir}", f"--config.data.path={data_path}",
            "--config.lab.models=mamba", "--config.lab.match_params=False",
@@ -120,15 +129,16 @@ def jax_run(data_path, iters, eval_tokens, extra):
            f"--config.optimizer.weight_decay={HP['weight_decay']}",
            f"--config.optimizer.clip_norm={HP['clip']}", "--config.lm.val_fraction=0.1",
            f"--config.lm.eval_tokens={eval_tokens}", "--config.decode.contexts=(64,)",
-           "--config.decode.new_tokens=2", "--config.decode.repeats=1", *extra]
-    _, wall, rss = run_child(cmd)
+           "--config.decode.new_tokens=2", "--config.decode.repeats=1", *mesh, *extra]
+    _, wall, rss = run_child(cmd, env)
     m = json.loads((workdir / "summary.json").read_text())["metrics"]
     rows = [json.loads(line) for line in (workdir / "mamba" / "metrics.jsonl").open()]
     train = [r["train/loss"] for r in rows if "train/loss" in r]
     shutil.rmtree(workdir)
     tps = m["mamba/tokens_per_second"]
-    return {"impl": "jaxcourse (ch10 mixer mamba, 1 device)" + (f" {' '.join(extra)}"
-                                                               if extra else ""),
+    where = f"{devices} CPU devices, data parallel" if devices > 1 else "1 device"
+    return {"impl": f"jaxcourse (ch10 mixer mamba, {where})" + (f" {' '.join(extra)}"
+                                                                 if extra else ""),
             "ms_per_step": HP["batch_size"] * HP["context"] * 1000 / tps, "tokens_per_s": tps,
             "val_loss": m["mamba/val_loss"], "train_loss_last": train[-1],
             "params": m["mamba/params"], "wall_s": wall, "peak_rss_mb": rss}
@@ -153,6 +163,8 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=200 * 12 * 64)
     ap.add_argument("--torch-python", default="/work/torchvenv/bin/python")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each")
+    ap.add_argument("--devices", default="1,2", help="CPU device counts for the JAX runs")
+    ap.add_argument("--skip-torch", action="store_true", help="the JAX runs only")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, jax_overrides = ap.parse_known_args()  # the rest: --config.key=value for the JAX run
     if any(not o.startswith("--config.") for o in jax_overrides):
@@ -166,9 +178,11 @@ def main():
         sys.exit(f"not a mamba.py checkout (no mambapy/mamba.py): {args.mambapy}")
     os.chdir(REPO)
     rows, load_before = [], os.getloadavg()
+    runs = [("jax", int(d)) for d in args.devices.split(",")]
+    runs += [] if args.skip_torch else [("torch", 0)]
     for repeat in range(args.repeats):  # interleaved, so that drifting load hits every row
-        for kind in ("jax", "torch"):
-            r = (jax_run(args.data, args.iters, args.eval_tokens, args.jax_overrides)
+        for kind, devices in runs:
+            r = (jax_run(args.data, args.iters, args.eval_tokens, args.jax_overrides, devices)
                  if kind == "jax" else
                  torch_run(args.torch_python, args.mambapy, args.data, args.iters, args.seed))
             rows.append({**r, "repeat": repeat, "load": os.getloadavg()[0]})
@@ -186,9 +200,9 @@ def main():
     best = {}
     for r in rows:  # the fastest run of each implementation: the least disturbed one
         best[r["impl"]] = max(best.get(r["impl"], 0.0), r["tokens_per_s"])
-    ref = max(v for k, v in best.items() if k.startswith("mamba.py"))
+    ref = max((v for k, v in best.items() if k.startswith("mamba.py")), default=None)
     for impl, tps in best.items():
-        if impl.startswith("jaxcourse"):
+        if impl.startswith("jaxcourse") and ref:
             print(f"speed-up of {impl} over mamba.py (fastest runs, tokens/s): {tps / ref:.2f}x")
     print(json.dumps(rows))
     return None

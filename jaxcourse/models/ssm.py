@@ -168,7 +168,7 @@ class MambaOptions:
     expand: int = 2
     dt_rank: int = 0               # 0: ceil(d_model / 16).
     scan: str = "analytic"         # selective_scan impl for training / prefill.
-    chunk: int = 8                 # scan="chunked": fastest of 4 / 8 / 16 on the 2-core CPU
+    chunk: int = 8                 # steps per chunk of scan="chunked" and "analytic"
     dt_min: float = 0.001
     dt_max: float = 0.1
 
