@@ -222,16 +222,26 @@ def run_child(cmd, env=None, cwd=REPO):
     return "\n".join(lines[:-1]), meta["__wall_s"], meta["__rss_mb"]
 
 
+def split_cpu_env(devices):
+    """os.environ with the CPU split into `devices` XLA devices (when > 1)."""
+    env = dict(os.environ)
+    if devices > 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={devices}").strip()
+    return env
+
+
+def devices_label(devices):
+    return f"{devices} CPU devices, data parallel" if devices > 1 else "1 device"
+
+
 def jax_run(data_path, iters, extra, devices, cache_dir):
     """The ch4 `cpu` preset; with devices > 1 the CPU is split into that many XLA devices and
     the preset's data-parallel mesh spreads each batch over them. `cache_dir` is the
     persistent compilation cache: empty for the first run of a device count, filled after."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="gpt_bench_"))
     cache = "cached" if any(pathlib.Path(cache_dir).iterdir()) else "first"
-    env = {**os.environ, "JAXCOURSE_CACHE": cache_dir}
-    if devices > 1:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                            f" --xla_force_host_platform_device_count={devices}").strip()
+    env = {**split_cpu_env(devices), "JAXCOURSE_CACHE": cache_dir}
     # No periodic eval inside the timed loop (the PyTorch side has none either); val_loss is
     # computed after training on the same 200-batch definition by both.
     cmd = [sys.executable, "-m", "jaxcourse.ch4", "--config=configs/ch4_gpt.py:cpu",
@@ -239,8 +249,7 @@ def jax_run(data_path, iters, extra, devices, cache_dir):
            "--config.lm.monitor_batches=0", f"--workdir={workdir}", *extra]
     _, wall, rss = run_child(cmd, env)
     m = json.loads((workdir / "summary.json").read_text())["metrics"]
-    where = f"{devices} CPU devices, data parallel" if devices > 1 else "1 device"
-    return {"impl": f"jaxcourse (JAX {m.get('jax_version', '')}, {where})",
+    return {"impl": f"jaxcourse (JAX {m.get('jax_version', '')}, {devices_label(devices)})",
             "ms_per_iter": m["train_ms_per_step"], "val_loss": m["val_loss"],
             "final_train_loss": m["train/loss"], "wall_s": wall, "peak_rss_mb": rss,
             "cache": cache, "workdir": str(workdir)}

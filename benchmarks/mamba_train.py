@@ -34,8 +34,8 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpt_train import (DEFAULT_DATA, REPO, run_child, torch_adamw, torch_batch,  # noqa: E402
-                       torch_data)
+from gpt_train import (DEFAULT_DATA, REPO, devices_label, run_child,  # noqa: E402
+                       split_cpu_env, torch_adamw, torch_batch, torch_data)
 
 HP = dict(n_layer=4, d_model=128, d_state=16, context=64, batch_size=12, lr=1e-3,
           min_lr_ratio=0.1, warmup=100, b1=0.9, b2=0.99, weight_decay=0.1, clip=1.0,
@@ -109,11 +109,7 @@ def jax_run(data_path, iters, eval_tokens, extra, devices):
     > 1 the CPU is split into that many XLA devices and a data-parallel mesh spreads each batch
     over them (the two cores then run the two halves of every scan at once)."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="mamba_bench_"))
-    env, mesh = dict(os.environ), []
-    if devices > 1:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                            f" --xla_force_host_platform_device_count={devices}").strip()
-        mesh = ["--config.mesh.devices=0", "--config.mesh.data=-1"]
+    mesh = ["--config.mesh.devices=0", "--config.mesh.data=-1"] if devices > 1 else []
     cmd = [sys.executable, "-m", "jaxcourse.ch10", "--config=configs/ch10_mixers.py:cpu",
            f"--workdir={workdir}", f"--config.data.path={data_path}",
            "--config.lab.models=mamba", "--config.lab.match_params=False",
@@ -130,15 +126,14 @@ def jax_run(data_path, iters, eval_tokens, extra, devices):
            f"--config.optimizer.clip_norm={HP['clip']}", "--config.lm.val_fraction=0.1",
            f"--config.lm.eval_tokens={eval_tokens}", "--config.decode.contexts=(64,)",
            "--config.decode.new_tokens=2", "--config.decode.repeats=1", *mesh, *extra]
-    _, wall, rss = run_child(cmd, env)
+    _, wall, rss = run_child(cmd, split_cpu_env(devices))
     m = json.loads((workdir / "summary.json").read_text())["metrics"]
     rows = [json.loads(line) for line in (workdir / "mamba" / "metrics.jsonl").open()]
     train = [r["train/loss"] for r in rows if "train/loss" in r]
     shutil.rmtree(workdir)
     tps = m["mamba/tokens_per_second"]
-    where = f"{devices} CPU devices, data parallel" if devices > 1 else "1 device"
-    return {"impl": f"jaxcourse (ch10 mixer mamba, {where})" + (f" {' '.join(extra)}"
-                                                                 if extra else ""),
+    return {"impl": f"jaxcourse (ch10 mixer mamba, {devices_label(devices)})"
+                    + (f" {' '.join(extra)}" if extra else ""),
             "ms_per_step": HP["batch_size"] * HP["context"] * 1000 / tps, "tokens_per_s": tps,
             "val_loss": m["mamba/val_loss"], "train_loss_last": train[-1],
             "params": m["mamba/params"], "wall_s": wall, "peak_rss_mb": rss}
