@@ -3,12 +3,15 @@
 The server runs in a thread on a free loopback port over the tiny engine of serve_tiny.py;
 httpx drives it; the last test runs `python -m jaxcourse.serve --model DIR`'s main.
 """
+import io
 import json
 import threading
 import time
 
 import httpx
 import pytest
+from absl import logging as absl_logging
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from serve_tiny import CFG, TOK, tiny_engine, tiny_params
 
@@ -162,6 +165,18 @@ def test_a_client_that_leaves_frees_its_slot(served, monkeypatch):
     assert m["jaxcourse_kv_blocks_in_use"] == 0 and m["jaxcourse_running_requests"] == 0
     assert engine.allocator.in_use == 0
     assert _complete(base, prompt="ab", max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_a_server_thread_leaves_the_process_logging_alone():
+    """uvicorn's default log config (logging.config.dictConfig) closes every handler, and
+    absl's handler then closes its stream: under pytest that was the capture's file, and
+    every later test in the worker failed with "I/O operation on closed file"."""
+    stream = io.StringIO()
+    handler = absl_logging.PythonHandler(stream)  # noqa: F841 (alive while the server runs)
+    server = ServerThread(FastAPI())
+    server.start()
+    server.stop()
+    assert not stream.closed
 
 
 def test_python_m_jaxcourse_serve_main_serves_a_saved_model(tmp_path, monkeypatch, capsys):

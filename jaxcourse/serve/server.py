@@ -169,10 +169,14 @@ async def _collect(engine: Engine, rid: int, events: asyncio.Queue, head: dict,
 
 
 class ServerThread:
-    """uvicorn serving `app` from a thread (tests, benchmarks): start(), then stop()."""
+    """uvicorn serving `app` from a thread (tests, benchmarks): start(), then stop().
+
+    It leaves the process's logging as it is (log_config=None): uvicorn's own config goes
+    through logging.config.dictConfig, which closes every existing handler, and absl's
+    handler then closes the stream it was made with (under pytest, the capture's file)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
                                                     log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
