@@ -1,4 +1,6 @@
 """GRPO pieces: the addition reward, completion masks, the loss at known ratios."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,7 +82,10 @@ def test_grpo_in_the_shared_loop_resumes_exactly(tmp_path):
     params = nn.meta.unbox(jax.jit(GPT(mc).init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
                            ["params"])
     gc = grpo.GRPOConfig(prompts_per_step=2, group_size=2, inner_steps=2)
-    make = lambda tx: grpo.make_grpo_step(mc, gc, task, task.reward, tx)  # noqa: E731
+    # The exact reward is 0 for every completion of a random policy: no advantage, nothing to
+    # learn. The first token's parity differs within most groups.
+    parity = lambda idx_B, completion_BxC: (completion_BxC[:, 0] % 2).astype(jnp.float32)  # noqa: E731
+    make = lambda tx: grpo.make_grpo_step(mc, gc, task, parity, tx)  # noqa: E731
     cfg = base_config()
     cfg.train.update(steps=4, steps_per_call=1, log_every=1, eval_every=0)
     cfg.checkpoint.every = 2
@@ -105,6 +110,7 @@ def test_grpo_in_the_shared_loop_resumes_exactly(tmp_path):
             np.testing.assert_array_equal(x, y)
     rows = (tmp_path / "a" / "metrics.jsonl").read_text()
     assert rows == (tmp_path / "b" / "metrics.jsonl").read_text() and "train/kl" in rows
+    assert min(json.loads(r)["train/zero_signal_groups"] for r in rows.splitlines()) < 1.0
     moved = max(float(jnp.abs(x - y).max()) for x, y in
                 zip(jax.tree.leaves(straight.params), jax.tree.leaves(params)))
     assert moved > 1e-4  # four iterations of 2 Adam steps at lr 1e-3 moved the policy
