@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
+
 from jaxcourse import ch5
 from jaxcourse.data import scenes
 
@@ -23,8 +25,7 @@ def _summary(workdir):
 
 # The smoke run is a dozen small programs, each compiled once and run for a few steps: XLA's
 # LLVM optimisation is most of its time (cold, at load 5 on 2 cores: 404 s with it, 2.5x less
-# without), so it runs as its own process with the backend optimisation off.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# without), so it runs as its own process, on one device, with the backend optimisation off.
 
 
 @pytest.fixture(scope="module")
