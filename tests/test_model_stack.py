@@ -120,10 +120,28 @@ def test_sublayer_options_come_from_config_and_survive_json():
     (dict(ffn="moe9"), r"model.ffn='moe9' is not one of mlp, swiglu"),
     (dict(layer_pattern="attention,nope"), r"layer_pattern entry='nope' is not one of"),
     (dict(n_layer=3, layer_pattern="attention,conv"), r"n_layer=3 is not a multiple of the 2"),
+    (dict(init="he"), r"model.init='he' is not one of xavier, normal"),
 ])
 def test_bad_slot_values_name_the_key_and_the_choices(kw, match):
     with pytest.raises(UserError, match=match):
         GPTConfig(**kw)
+
+
+def test_init_normal_draws_attention_and_mlp_kernels_from_n_0_002_and_leaves_the_rest():
+    cfg = GPTConfig(vocab_size=11, context=8, n_layer=2, n_head=2, d_model=64, init="normal")
+    normal, xavier = _params(cfg), _params(dataclasses.replace(cfg, init="xavier"))
+    block = ("attention/query", "attention/key", "attention/value", "attention/out",
+             "mlp/up", "mlp/down")
+    for i in range(cfg.n_layer):
+        for name in block:
+            get = lambda p: np.asarray(p["blocks"][f"layer_{i}"][name.split("/")[0]]
+                                       [name.split("/")[1]]["kernel"])
+            assert abs(get(normal).std() - 0.02) < 0.002, name
+            fan_in, fan_out = (64, 64) if name.startswith("attention") else \
+                ((64, 256) if name == "mlp/up" else (256, 64))
+            assert abs(get(xavier).std() - (2 / (fan_in + fan_out)) ** 0.5) < 0.01, name
+    # Embeddings and norms do not depend on model.init.
+    np.testing.assert_array_equal(normal["embed"]["embedding"], xavier["embed"]["embedding"])
 
 
 def test_unknown_option_key_is_one_line():

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcourse.errors import UserError
-from jaxcourse.models.layers import apply_rope, pallas_kernel, partitioned
+from jaxcourse.models.layers import apply_rope, kernel_init, pallas_kernel, partitioned
 from jaxcourse.quant import kv as kv_quant
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "pallas")
@@ -153,6 +153,7 @@ class Attention(nn.Module):
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     dot_general: object = None     # None: lax.dot_general; or e.g. bf16_dot_general.
+    weight_init: str = "xavier"    # layers.kernel_init kind of the four projections.
 
     slot_name = "attention"        # The block's mixer slot (models/registry.py).
 
@@ -163,7 +164,7 @@ class Attention(nn.Module):
         return cls(cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.d_model, impl=cfg.attention,
                    causal=causal, window=cfg.window, rope=cfg.pos == "rope",
                    rope_base=cfg.rope_base, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-                   dot_general=cfg.dot_general, name=name)
+                   dot_general=cfg.dot_general, weight_init=cfg.init, name=name)
 
     @classmethod
     def init_cache(cls, cfg, options, batch_size: int, length: int, dtype) -> dict:
@@ -180,7 +181,7 @@ class Attention(nn.Module):
         return nn.DenseGeneral(
             (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype, name=name,
             dot_general=self.dot_general,
-            kernel_init=partitioned(nn.initializers.xavier_uniform(), names),
+            kernel_init=partitioned(kernel_init(self.weight_init), names),
             bias_init=partitioned(nn.initializers.zeros, names[1:]))
 
     @nn.compact
@@ -218,8 +219,7 @@ class Attention(nn.Module):
         out = nn.DenseGeneral(
             self.d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
             dot_general=self.dot_general,
-            kernel_init=partitioned(nn.initializers.xavier_uniform(),
-                                    ("heads", "head_dim", "embed")),
+            kernel_init=partitioned(kernel_init(self.weight_init), ("heads", "head_dim", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
         return out, new_cache
 

@@ -106,6 +106,16 @@ def partitioned(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
+INITS = ("xavier", "normal")
+
+
+def kernel_init(kind: str):
+    """The Dense kernels' initializer of attention and the MLP (`model.init`): "xavier"
+    (Glorot uniform, flax's examples) or "normal", N(0, 0.02) as in GPT-2 and nanoGPT."""
+    return nn.initializers.normal(stddev=0.02) if kind == "normal" else \
+        nn.initializers.xavier_uniform()
+
+
 def rms_norm(x, scale, eps):
     """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * scale, the math of flax's nn.RMSNorm."""
     x32 = x.astype(jnp.float32)
@@ -251,6 +261,7 @@ class MLP(nn.Module):
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     dot_general: object = None     # None: lax.dot_general; or e.g. bf16_dot_general.
+    weight_init: str = "xavier"    # kernel_init kind (model.init).
 
     slot_name = "mlp"              # The block's ffn slot (models/registry.py).
 
@@ -258,12 +269,12 @@ class MLP(nn.Module):
     def from_config(cls, cfg, options=None, *, name, deterministic=True):
         del options, deterministic
         return cls(cfg.d_model, cfg.ff_dim, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-                   dot_general=cfg.dot_general, name=name)
+                   dot_general=cfg.dot_general, weight_init=cfg.init, name=name)
 
     def _dense(self, features, names, name):
         return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype, name=name,
                         dot_general=self.dot_general,
-                        kernel_init=partitioned(nn.initializers.xavier_uniform(), names),
+                        kernel_init=partitioned(kernel_init(self.weight_init), names),
                         bias_init=partitioned(nn.initializers.zeros, names[-1:]))
 
     @nn.compact

@@ -30,7 +30,7 @@ from jaxcourse.errors import UserError
 from jaxcourse.models import registry
 from jaxcourse.models.attention import ATTENTION_IMPLS
 from jaxcourse.models.block import Stack, init_stack_cache
-from jaxcourse.models.layers import (NORM_IMPLS, NORMS, Embed, Norm, bf16_dot_general,
+from jaxcourse.models.layers import (INITS, NORM_IMPLS, NORMS, Embed, Norm, bf16_dot_general,
                                      native_bf16_matmul, partitioned, sinusoidal_table)
 
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
@@ -57,6 +57,8 @@ class GPTConfig:
     norm_impl: str = "flax"        # flax | pallas
     pos: str = "rope"              # rope | learned | sinusoidal | none
     rope_base: float = 10000.0
+    init: str = "xavier"           # Attention and MLP kernels: xavier | normal (N(0, 0.02),
+                                   # GPT-2's; layers.kernel_init). Other mixers keep theirs.
     attention: str = "xla"         # einsum | xla | cudnn | pallas
     window: int = 0                # Sliding-window size; 0: full causal attention.
     dtype: str = "float32"         # Compute dtype; parameters stay float32.
@@ -84,6 +86,7 @@ class GPTConfig:
         _check_choice("norm_position", self.norm_position, ("pre", "post"))
         _check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         _check_choice("pos", self.pos, POSITIONS)
+        _check_choice("init", self.init, INITS)
         _check_choice("attention", self.attention, ATTENTION_IMPLS)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         _check_choice("matmul", self.matmul, ("", "bfloat16", "auto"))
