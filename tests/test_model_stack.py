@@ -130,17 +130,16 @@ def test_bad_slot_values_name_the_key_and_the_choices(kw, match):
 def test_init_normal_draws_attention_and_mlp_kernels_from_n_0_002_and_leaves_the_rest():
     cfg = GPTConfig(vocab_size=11, context=8, n_layer=2, n_head=2, d_model=64, init="normal")
     normal, xavier = _params(cfg), _params(dataclasses.replace(cfg, init="xavier"))
-    block = ("attention/query", "attention/key", "attention/value", "attention/out",
-             "mlp/up", "mlp/down")
+    fans = {("attention", "query"): (64, 64), ("attention", "key"): (64, 64),
+            ("attention", "value"): (64, 64), ("attention", "out"): (64, 64),
+            ("mlp", "up"): (64, 256), ("mlp", "down"): (256, 64)}
     for i in range(cfg.n_layer):
-        for name in block:
-            get = lambda p: np.asarray(p["blocks"][f"layer_{i}"][name.split("/")[0]]
-                                       [name.split("/")[1]]["kernel"])
-            assert abs(get(normal).std() - 0.02) < 0.002, name
-            fan_in, fan_out = (64, 64) if name.startswith("attention") else \
-                ((64, 256) if name == "mlp/up" else (256, 64))
-            assert abs(get(xavier).std() - (2 / (fan_in + fan_out)) ** 0.5) < 0.01, name
-    # Embeddings and norms do not depend on model.init.
+        for (slot, dense), (fan_in, fan_out) in fans.items():
+            def std(params):
+                return np.asarray(params["blocks"][f"layer_{i}"][slot][dense]["kernel"]).std()
+            assert abs(std(normal) - 0.02) < 0.002, dense
+            assert abs(std(xavier) - (2 / (fan_in + fan_out)) ** 0.5) < 0.01, dense
+    # The embedding does not depend on model.init.
     np.testing.assert_array_equal(normal["embed"]["embedding"], xavier["embed"]["embedding"])
 
 
