@@ -1,9 +1,9 @@
 """Test setup: 8 simulated CPU devices, compiled without LLVM's optimisation, set before jax is
 imported anywhere; one persistent compilation cache per test run in a tmp dir (never
-~/.cache), shared by the xdist workers and
-the commands the tests start: many tests build the same small programs again (the same tiny
-GPT's step in the loop, the chapter CLIs the in-process tests also run), and a program
-compiled once is then loaded. Removed when the run ends. JAXCOURSE_CACHE=off turns it off."""
+~/.cache), shared by the xdist workers and the commands the tests start: many tests build the
+same small programs again (the same tiny GPT's step in the loop, the chapter CLIs the
+in-process tests also run), and a program compiled once is then loaded. Removed when the run
+ends. JAXCOURSE_CACHE=off turns it off."""
 import os
 import shutil
 import tempfile
