@@ -29,9 +29,7 @@ Without a GPU (and without --smoke) it refuses: CPU timings of interpret mode me
 import argparse
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -74,18 +72,6 @@ def flops(batch, seq, heads, dim, causal, mode):
     return f if mode == "fwd" else 3.5 * f
 
 
-def time_call(fn, args, repeats):
-    """Median seconds of one call after a compile + warm-up call."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _programs(attention, causal, cotangent):
     """The jitted forward, and forward+backward as out plus (dq, dk, dv) for a fixed dO."""
     fwd = jax.jit(lambda q, k, v: attention(q, k, v, causal))
@@ -126,7 +112,7 @@ def measure(impls, seq, dim, causal, dtype, repeats, batch=None):
                 record["error"] = "n/a"
                 continue
             try:
-                seconds = time_call(programs[mode], (q, k, v), repeats)
+                seconds = records_lib.median_seconds(programs[mode], (q, k, v), repeats)
                 result = programs[mode](q, k, v)
             except Exception as err:  # pylint: disable=broad-except
                 record["error"] = _short(err)

@@ -19,9 +19,7 @@ Without a GPU (and without --smoke) it refuses: CPU timings of interpret mode me
 import argparse
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -50,17 +48,6 @@ def implementations(smoke):
     }
 
 
-def time_call(fn, args, repeats):
-    """Median seconds of one call after a compile + warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def operands(m, k, n, g, dtype, seed=0):
     rng = np.random.default_rng(seed)
     sizes = rng.multinomial(m, np.full(g, 1.0 / g)).astype(np.int32)
@@ -86,7 +73,7 @@ def measure(impls, shape, dtype, repeats):
                       "dtype": jnp.dtype(dtype).name, "m": m, "k": k, "n": n, "groups": g,
                       "tflops": None, "max_abs_err": None}
             try:
-                seconds = time_call(program, (lhs, rhs, sizes), repeats)
+                seconds = records_lib.median_seconds(program, (lhs, rhs, sizes), repeats)
                 record["tflops"] = flops / seconds / 1e12
                 if pass_ == "fwd" and name != "dense":
                     got = fwd(lhs, rhs, sizes).astype(jnp.float32)

@@ -8,7 +8,9 @@ BENCHMARKS.md's GPU tables are filled in from these files.
 import datetime
 import json
 import pathlib
+import statistics
 import sys
+import time
 
 import jax
 
@@ -40,3 +42,16 @@ def error_line(err: Exception) -> str:
     """The first line of an exception, short enough for a record or a table cell."""
     lines = str(err).strip().splitlines()
     return (lines[0] if lines else type(err).__name__)[:120]
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+    """Median wall seconds of `fn(*args)` over `repeats` calls, after two untimed calls (the
+    first compiles)."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -19,11 +19,20 @@ def test_smoke_suite_writes_every_measurement(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     [index] = tmp_path.glob("gpu_suite_smoke_*.json")
     entries = json.loads(index.read_text())["measurements"]
-    assert [e["name"] for e in entries] == ["attention", "grouped_matmul", "gpt_mfu",
-                                            "cifar_resnet_step"]
+    assert [e["name"] for e in entries] == ["selective_scan", "attention", "grouped_matmul",
+                                            "gpt_mfu", "cifar_resnet_step"]
     results = {e["name"]: json.loads(pathlib.Path(e["file"]).read_text()) for e in entries}
     for name, result in results.items():
         assert {"device_kind", "jax", "date", "records"} <= set(result) and result["smoke"], name
+
+    scan = {(r["impl"], r["pass"]): r for r in results["selective_scan"]["records"]}
+    assert set(scan) == {(i, p) for i in ("analytic", "pallas", "associative")
+                         for p in ("fwd", "fwd_bwd")}
+    assert all("error" not in r and r["ms"] > 0 for r in scan.values())
+    for impl in ("pallas", "associative"):  # the kernel (interpret mode) and XLA vs analytic
+        for mode in ("fwd", "fwd_bwd"):
+            # y is bfloat16 (relative rounding 4e-3); the gradients are float32 sums.
+            assert scan[impl, mode]["max_rel_err"] < 1e-2, scan[impl, mode]
 
     attention = {(r["impl"], r["pass"]): r for r in results["attention"]["records"]}
     assert set(attention) == {(i, p) for i in ("xla", "cudnn", "mosaic", "triton", "tokamax")
