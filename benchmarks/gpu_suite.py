@@ -9,6 +9,9 @@ records are. BENCHMARKS.md's GPU tables are filled in from these files.
     python benchmarks/gpu_suite.py [--out-dir benchmarks/results] [--only attention,gpt_mfu]
     python benchmarks/gpu_suite.py --smoke --out-dir /tmp/suite   # CPU, interpret mode: tests it
 
+A lent machine has no network and lacks some packages: run benchmarks/gpu_wheels.sh here first
+and carry .whl (the call: BENCHMARKS.md, "The GPU suite").
+
 Measurements, in the order they run (seconds allowed each; 560 in all):
     selective_scan     chapter 10's Mosaic GPU selective scan vs the associative and analytic scans
     attention          pallas flash attention (Mosaic GPU and Triton) vs XLA, cuDNN, tokamax
