@@ -121,8 +121,10 @@ _RANGES = (
     (r"ema_decay|b1|b2|momentum|dropout\w*", lambda v: 0 <= v < 1, "in [0, 1)"),
     (r"min_lr_ratio|\w*_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
 )
-# 0 means "off" or "someone else's value" for these keys.
-_ZERO_MEANS_OFF = {"lm.monitor_batches", "judge.steps"}
+# 0 means "off" or "someone else's value" for these keys (also where a config nests them
+# in a section of its own, as ch5_all does with mae.*).
+_ZERO_MEANS_OFF = {"lm.monitor_batches", "judge.steps", "mae.pretrain_batch_size",
+                   "mae.pretrain_warmup_steps"}
 
 
 def check_ranges(cfg: ml_collections.ConfigDict) -> None:
@@ -135,7 +137,7 @@ def check_ranges(cfg: ml_collections.ConfigDict) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key {key} must be a finite number, got {value}")
-        if key in _ZERO_MEANS_OFF and value == 0:
+        if value == 0 and any(key == k or key.endswith("." + k) for k in _ZERO_MEANS_OFF):
             continue
         leaf = key.rsplit(".", 1)[-1]
         for pattern, ok, text in _RANGES:

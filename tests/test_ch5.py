@@ -7,12 +7,14 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import FAST_COMPILE
 
 from jaxcourse import ch5
+from jaxcourse.train import optim
 from jaxcourse.data import scenes
 
 SMOKE = "--config=configs/ch5_vit.py:smoke"
@@ -137,6 +139,20 @@ def test_mae_pretrains_probes_and_surveys_label_fractions(chapter):
             (workdir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert m["mae_pretrain_steps"] == 20 and losses[-1] < losses[0]  # the decoder learns
+    # pretraining has its own batch size and warmup (the smoke preset's 16 and 4, not the
+    # train and optimizer sections' 32 and 2): the logged learning rate, the mean over the
+    # steps since the last row, follows warmup 4
+    assert m["mae_pretrain_batch_size"] == 16
+    lr = [(r["step"], r["train/lr"]) for r in rows if "train/lr" in r]
+    for warmup, agrees in ((4, True), (2, False)):
+        schedule = optim.make_schedule(ml_collections.ConfigDict(
+            {"lr": 3e-3, "warmup_steps": warmup, "schedule": "warmup_cosine",
+             "min_lr_ratio": 0.01}), 20)
+        start = 0
+        for step, logged in lr:
+            want = np.mean([schedule(i) for i in range(start, step)])
+            assert math.isclose(logged, want, rel_tol=1e-4) == agrees, (warmup, step)
+            start = step
     # the smoke survey is the 10% fraction: both inits, same steps; the summary's keys are it
     assert m["mae_label_fraction"] == 0.1
     assert m["mae_finetune_accuracy"] == m["mae_10pct/test_accuracy"]

@@ -56,13 +56,21 @@ def classify(cfg, workdir: pathlib.Path, data: dict, pretrained: dict | None = N
             "steps": m["steps"], "step_ms": 1000.0 / m["steps_per_second"]}
 
 
-def pretrain(task, cfg, workdir: pathlib.Path, images: np.ndarray, steps: int, lr: float):
-    """Self-supervised pretraining: the shared loop on {"image"} batches, no labels, no eval."""
-    run_cfg = config.derive(cfg, {"train.steps": steps, "optimizer.lr": lr,
-                                  "train.eval_every": 0})
-    return train(task, run_cfg, workdir, pipeline.batches({"image": images},
-                                                          run_cfg.train.batch_size,
-                                                          run_cfg.train.seed))
+def pretrain(task, cfg, workdir: pathlib.Path, images: np.ndarray, steps: int, lr: float,
+             batch_size: int = 0, warmup_steps: int = 0):
+    """Self-supervised pretraining: the shared loop on {"image"} batches, no labels, no eval:
+    (state, metrics with the batch_size and warmup_steps it ran with). batch_size and
+    warmup_steps 0 keep the train and optimizer sections' values."""
+    changes = {"train.steps": steps, "optimizer.lr": lr, "train.eval_every": 0}
+    if batch_size:
+        changes["train.batch_size"] = batch_size
+    if warmup_steps:
+        changes["optimizer.warmup_steps"] = warmup_steps
+    run_cfg = config.derive(cfg, changes)
+    state, metrics = train(task, run_cfg, workdir, pipeline.batches(
+        {"image": images}, run_cfg.train.batch_size, run_cfg.train.seed))
+    return state, {**metrics, "batch_size": run_cfg.train.batch_size,
+                   "warmup_steps": run_cfg.optimizer.warmup_steps}
 
 
 def metric_rows(workdir: pathlib.Path) -> list[dict]:
@@ -94,8 +102,10 @@ def run_mae(cfg, workdir: pathlib.Path) -> dict:
     data = task_lib.splits(cfg)
     model = mae_model(cfg, data)
     print("--- MAE pretraining on every training image (no labels)", flush=True)
+    m = cfg.mae
     state, pm = pretrain(mae_lib.mae_task(model), cfg, workdir / "pretrain",
-                         data["train"]["image"], cfg.mae.pretrain_steps, cfg.mae.pretrain_lr)
+                         data["train"]["image"], m.pretrain_steps, m.pretrain_lr,
+                         m.pretrain_batch_size, m.pretrain_warmup_steps)
     images = data["test"]["image"][:cfg.figures.examples]
     rec = reconstructions(model, state.params, images, cfg.train.seed)
     plots.plot_reconstructions(images, rec["masked"], rec["pasted"],
@@ -124,8 +134,8 @@ def run_mae(cfg, workdir: pathlib.Path) -> dict:
     columns = ["init", "fraction", "labelled_examples", "test_accuracy", "val_accuracy",
                "steps", "step_ms"]
     write_results(workdir, "Chapter 5: MAE on " + cfg.data.name, [
-        ("pretraining", markdown_table([{"steps": pm["steps"], "mae_loss": pm["train/loss"]}],
-                                       ["steps", "mae_loss"])),
+        ("pretraining", markdown_table([{**pm, "mae_loss": pm["train/loss"]}],
+                                       ["steps", "batch_size", "warmup_steps", "mae_loss"])),
         ("linear probe (encoder frozen, all labels)",
          markdown_table([probe], ["test_accuracy", "val_accuracy", "steps"])),
         ("label-fraction survey", markdown_table(rows, columns))])
@@ -134,6 +144,7 @@ def run_mae(cfg, workdir: pathlib.Path) -> dict:
     out = {"mae_finetune_accuracy": by[("mae", at)], "scratch_accuracy": by[("scratch", at)],
            "mae_label_fraction": at, "mae_linear_probe_accuracy": probe["test_accuracy"],
            "mae_pretrain_loss": pm["train/loss"], "mae_pretrain_steps": pm["steps"],
+           "mae_pretrain_batch_size": pm["batch_size"],
            "mae_pretrain_step_ms": 1000.0 / pm["steps_per_second"]}
     for (init, fraction), acc in by.items():
         out[f"{init}_{fraction * 100:g}pct/test_accuracy"] = acc
