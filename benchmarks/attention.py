@@ -26,7 +26,6 @@ Raw JSON (benchmarks/records.py format) goes to benchmarks/results/ or --out; on
 
 Without a GPU (and without --smoke) it refuses: CPU timings of interpret mode mean nothing.
 """
-import argparse
 import json
 import pathlib
 import sys
@@ -156,17 +155,13 @@ def table(result: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = records_lib.kernel_parser(__doc__, repeats=5)
     # The goal's cells (head_dim 128, seq >= 4k) first: if the suite's time limit ends the run,
     # the JSON written after every cell already holds them. The table sorts the cells.
     parser.add_argument("--seqs", default="4096,8192,16384,2048,1024")
     parser.add_argument("--head-dims", default="128,64")
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--table", default="", metavar="FILE.json",
                         help="print the markdown table of an earlier run's JSON, run nothing")
-    parser.add_argument("--out", default="", help="JSON path (default: benchmarks/results/)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shape in interpret mode on CPU: tests the script, not speed")
     args = parser.parse_args(argv)
     if args.table:
         try:

@@ -16,7 +16,6 @@ record per cell: {"kernel": "grouped_matmul", "impl", "pass": "fwd" | "fwd_bwd",
 
 Without a GPU (and without --smoke) it refuses: CPU timings of interpret mode mean nothing.
 """
-import argparse
 import json
 import pathlib
 import sys
@@ -86,11 +85,7 @@ def measure(impls, shape, dtype, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default="", help="JSON path (default: benchmarks/results/)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shape in interpret mode on CPU: tests the script, not speed")
+    parser = records_lib.kernel_parser(__doc__, repeats=10)
     args = parser.parse_args(argv)
     records_lib.require_gpu("grouped_matmul.py", args.smoke)
     impls = implementations(args.smoke)

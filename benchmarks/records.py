@@ -5,6 +5,7 @@ One file per measurement under benchmarks/results/ (or --out):
      "smoke": bool, "benchmark": name, "records": [one dict per measured cell]}
 BENCHMARKS.md's GPU tables are filled in from these files.
 """
+import argparse
 import datetime
 import json
 import pathlib
@@ -15,6 +16,16 @@ import time
 import jax
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def kernel_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The flags of every kernel benchmark: --repeats, --out and --smoke (add your own)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", default="", help="JSON path (default: benchmarks/results/)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape in interpret mode on CPU: tests the script, not speed")
+    return parser
 
 
 def require_gpu(script: str, smoke: bool) -> None:

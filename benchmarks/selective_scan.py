@@ -22,7 +22,6 @@ speedup over associative per length and pass.
 
 Without a GPU (and without --smoke) it refuses: CPU timings of interpret mode mean nothing.
 """
-import argparse
 import pathlib
 import sys
 
@@ -124,14 +123,10 @@ def table(records) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = records_lib.kernel_parser(__doc__, repeats=5)
     # The goal's lengths (>= 4k) first: if the suite's time limit ends the run, the JSON
     # written after every length already holds them.
     parser.add_argument("--lengths", default="4096,16384,8192,1024")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="", help="JSON path (default: benchmarks/results/)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shape in interpret mode on CPU: tests the script, not speed")
     args = parser.parse_args(argv)
     records_lib.require_gpu("selective_scan.py", args.smoke)
     shapes = ([SMOKE] if args.smoke else
