@@ -187,6 +187,13 @@ def _analytic_step(A):
     return step
 
 
+# The analytic scan's loops over a chunk's steps: the forward's and the backward's reverse
+# step are unrolled this many steps (the whole default chunk); the backward's recomputation of
+# the chunk's states is not. One layer at [12, 64, 256], state 16, on the 2-core CPU: forward
+# 3.30 -> 1.46 ms, gradient 11.22 -> 8.29 ms (unrolling the recomputation too: 16.95 ms).
+_UNROLL = 8
+
+
 def _in_chunks(x, chunk: int):  # [L, ...] -> [L / chunk, chunk, ...]
     return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
 
@@ -205,7 +212,7 @@ def _analytic_fwd(u, d, A, B, C, h0, chunk):
         def step(h, xs):
             h = update(h, xs)
             return h, jnp.sum(h * xs[3], axis=1)
-        h_end, y_c = jax.lax.scan(step, h_start, xs)
+        h_end, y_c = jax.lax.scan(step, h_start, xs, unroll=_UNROLL)
         return h_end, (y_c, h_start)
 
     last, (y, starts) = jax.lax.scan(chunk_scan, h0,
@@ -242,7 +249,7 @@ def _analytic_bwd(chunk, res, cotangents):
         u_c, d_c, B_c, C_c, gy_c, h_start = xs
         h_end, h_prev = jax.lax.scan(lambda h, xs: (update(h, xs), h), h_start, (u_c, d_c, B_c))
         carry, (g_u, g_d, g_B) = jax.lax.scan(step, carry, (u_c, d_c, B_c, C_c, gy_c, h_prev),
-                                              reverse=True)
+                                              reverse=True, unroll=_UNROLL)
         g_C = gy_c[:, :, None] * jnp.concatenate([h_prev[1:], h_end[None]])  # h_t dy_t
         g_C = jnp.sum(g_C, axis=3, keepdims=True) if shared else g_C
         return carry, (g_u, g_d, g_B, g_C)
