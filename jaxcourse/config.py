@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
             "groups": "",
         },
         "data": {
-            "name": "digits",  # an embedded set (digits, stdlib, ...), mnist, cifar10, tfds:NAME
+            # an embedded set (digits, stdlib, ...), mnist, cifar10, cifar100, tfds:NAME
+            "name": "digits",
             "path": "",  # a local file or folder (any text file for the text chapters).
         },
         "checkpoint": {

@@ -3,6 +3,7 @@ import gzip
 import io
 import pickle
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -189,3 +190,30 @@ def test_every_damaged_cifar_pickle_is_one_line_naming_the_file(tmp_path, name):
     with pytest.raises(UserError, match=r"corrupt CIFAR-10 batch .*data_batch_1: \w+") as e:
         sources.read_cifar10(tmp_path)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_cifar100_reader_fine_labels_and_one_line_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-100-python"  # the unpacked archive's folder, found inside data.path
+    root.mkdir()
+    images = {}
+    for name, n in (("train", 4), ("test", 2)):
+        images[name] = rng.integers(0, 256, (n, 3072)).astype(np.uint8)
+        batch = {b"data": images[name], b"fine_labels": list(range(90, 90 + n)),
+                 b"coarse_labels": [7] * n, b"filenames": [b"f"] * n}
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+    d = sources.read_cifar100(tmp_path)
+    assert d["x_train"].shape == (4, 32, 32, 3) and d["x_test"].dtype == np.float32
+    assert d["y_train"].tolist() == [90, 91, 92, 93] and d["y_test"].tolist() == [90, 91]
+    # channel-major rows: the first 1024 bytes are the red plane
+    np.testing.assert_allclose(d["x_test"][1, :, :, 0].reshape(-1),
+                               images["test"][1, :1024] / 255.0)
+    loaded = sources.load_images(ml_collections.ConfigDict({"name": "cifar100",
+                                                            "path": str(tmp_path)}))
+    assert loaded["y_test"].tolist() == [90, 91]
+    (root / "test").write_bytes(pickle.dumps({b"data": images["test"], b"labels": [1, 2]}))
+    with pytest.raises(UserError, match=r"corrupt CIFAR-100 file .*test: KeyError"):
+        sources.read_cifar100(tmp_path)
+    (root / "train").unlink()
+    with pytest.raises(UserError, match="data file not found: .*train"):
+        sources.read_cifar100(tmp_path)

@@ -156,34 +156,49 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: pathlib.Path, label_key: bytes = b"labels",
+                      what: str = "CIFAR-10 batch") -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     try:
         d = _ArraysOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
         data = np.asarray(d[b"data"], np.uint8)
-        labels = np.asarray(d[b"labels"], np.int32)
+        labels = np.asarray(d[label_key], np.int32)
     except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways (LookupError,
         # OverflowError, MemoryError, ...): every one is a corrupt file, not a bug.
         text = str(e).splitlines()[0][:200] if str(e) else ""
-        raise UserError(f"corrupt CIFAR-10 batch {path}: {type(e).__name__}: {text}") from None
+        raise UserError(f"corrupt {what} {path}: {type(e).__name__}: {text}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise UserError(f"corrupt CIFAR-10 batch {path}: data {data.shape}, labels {labels.shape}")
+        raise UserError(f"corrupt {what} {path}: data {data.shape}, labels {labels.shape}")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _cifar_arrays(train: list, test: tuple) -> Arrays:
+    scale = lambda x: x.astype(np.float32) / 255.0  # noqa: E731
+    return {"x_train": scale(np.concatenate([x for x, _ in train])),
+            "y_train": np.concatenate([y for _, y in train]),
+            "x_test": scale(test[0]), "y_test": test[1]}
+
+
+def _unpacked(folder: str | pathlib.Path, inner: str) -> pathlib.Path:
+    folder = pathlib.Path(folder)
+    return folder / inner if (folder / inner).is_dir() else folder
 
 
 def read_cifar10(folder: str | pathlib.Path) -> Arrays:
     """CIFAR-10 from `folder` (the unpacked cifar-10-batches-py), [N, 32, 32, 3] in [0, 1]."""
-    folder = pathlib.Path(folder)
-    if (folder / "cifar-10-batches-py").is_dir():
-        folder = folder / "cifar-10-batches-py"
-    train = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
-    x_test, y_test = _read_cifar_batch(folder / "test_batch")
-    x_train = np.concatenate([x for x, _ in train])
-    y_train = np.concatenate([y for _, y in train])
-    scale = lambda x: x.astype(np.float32) / 255.0  # noqa: E731
-    return {"x_train": scale(x_train), "y_train": y_train,
-            "x_test": scale(x_test), "y_test": y_test}
+    folder = _unpacked(folder, "cifar-10-batches-py")
+    return _cifar_arrays([_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)],
+                         _read_cifar_batch(folder / "test_batch"))
+
+
+def read_cifar100(folder: str | pathlib.Path) -> Arrays:
+    """CIFAR-100 from `folder` (the unpacked cifar-100-python: its `train` and `test` files),
+    [N, 32, 32, 3] in [0, 1], with the 100 fine labels."""
+    folder = _unpacked(folder, "cifar-100-python")
+    read = lambda name: _read_cifar_batch(folder / name, b"fine_labels",  # noqa: E731
+                                          "CIFAR-100 file")
+    return _cifar_arrays([read("train")], read("test"))
 
 
 class SourceColumn:
@@ -256,12 +271,14 @@ def load_images(data_cfg) -> Arrays:
     name = data_cfg.name
     if name == "digits":
         return load_digits()
-    if name in ("mnist", "cifar10"):
+    readers = {"mnist": read_mnist_idx, "cifar10": read_cifar10, "cifar100": read_cifar100}
+    if name in readers:
         if not data_cfg.path:
             raise UserError(f"data.name={name!r} needs data.path=<folder with the raw files>")
         if not pathlib.Path(data_cfg.path).is_dir():
             raise UserError(f"data folder not found: {data_cfg.path}")
-        return read_mnist_idx(data_cfg.path) if name == "mnist" else read_cifar10(data_cfg.path)
+        return readers[name](data_cfg.path)
     if name.startswith("tfds:"):
         return load_tfds(name.removeprefix("tfds:"))
-    raise UserError(f"unknown data.name={name!r}; use digits, mnist, cifar10 or tfds:<name>")
+    raise UserError(f"unknown data.name={name!r}; use digits, mnist, cifar10, cifar100 or "
+                    "tfds:<name>")
