@@ -4,9 +4,9 @@
 # 0.11.2 with CUDA, numpy, scipy, matplotlib, tensorstore and most of the small packages;
 # it lacks grain (and array_record, portpicker), ml-collections and tensorboardX, and
 # its flax / optax / orbax / chex may be other versions. Every package here is pinned to
-# constraints.txt's version (the one the test suite passed on). About 7 MiB, well under the
-# 64 MiB a device call may carry. Not tokamax: it imports xprof (32 MiB, and more wheels of
-# its own), so attention.py records tokamax as n/a there.
+# constraints.txt's version (the one the test suite passed on). About 28 MiB: with the
+# repository's 4 MiB, well under the 64 MiB a device call may carry. Not tokamax: it imports
+# xprof (32 MiB, and more wheels of its own), so attention.py records tokamax as n/a there.
 #
 #   bash benchmarks/gpu_wheels.sh            # here, where pip reaches the registry
 # then, in one device call that carries .whl (BENCHMARKS.md, "The GPU suite"):
@@ -15,7 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-PINNED="flax optax orbax-checkpoint chex grain array_record ml-collections portpicker tensorboardX"
+# tensorstore too: orbax-checkpoint 0.12.8 needs >= 0.1.84, and the image's is of unknown version.
+PINNED="flax optax orbax-checkpoint chex grain array_record ml-collections portpicker tensorboardX
+        tensorstore"
 pins=()
 for name in $PINNED; do
   pin=$(grep -i -m1 -E "^${name//[-_]/[-_]}==" constraints.txt) || { echo "gpu_wheels.sh: $name is not in constraints.txt" >&2; exit 1; }
