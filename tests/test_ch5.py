@@ -3,6 +3,7 @@ CNN (the ViT run inside it), CLIP, MAE, DINO and VQA are checked one by one; one
 import json
 import math
 import os
+import pickle
 import pathlib
 import subprocess
 import sys
@@ -217,3 +218,33 @@ def test_bad_input_is_one_line(tmp_path, capsys, override, message):
     assert message in err and len(err.splitlines()) == 1, err
     assert info.value.code == (1 if "fractions" in override else 2)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_gpu_preset_runs_on_cifar_shaped_data_in_bfloat16(tmp_path):
+    """ch5_vit:gpu (CIFAR-10 from a folder, bfloat16 parameters and compute), cut to 2 layers
+    and 2 steps on 240 random CIFAR-format images: the code path no CPU preset takes."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cifar-10-batches-py"
+    data.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (40, 3072)).astype(np.uint8),
+                 b"labels": rng.integers(0, 10, 40).tolist()}
+        (data / name).write_bytes(pickle.dumps(batch, protocol=2))
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxcourse.ch5", "--config=configs/ch5_vit.py:gpu",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.path={tmp_path}", "--no-cache",
+         "--config.model.n_layer=2", "--config.train.steps=2", "--config.train.batch_size=16",
+         "--config.train.steps_per_call=1", "--config.train.eval_every=2",
+         "--config.optimizer.warmup_steps=1", "--config.eval_batch_size=32"],
+        env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (run["model"]["dtype"], run["train"]["precision"]) == ("bfloat16", "bfloat16")
+    m = _summary(tmp_path / "run")
+    # the preset's ViT on 3-channel 32x32 images: 4x4x3 patches to width 384, 2 blocks of
+    # attention (4 projections with biases), an MLP of 768 and 2 LayerNorms, a final
+    # LayerNorm, a 10-way head; mean pooling and sin-cos positions add no parameters
+    block = 4 * (384 * 384 + 384) + 2 * 384 * 768 + 768 + 384 + 2 * 2 * 384
+    assert m["vit_params"] == 4 * 4 * 3 * 384 + 384 + 2 * block + 2 * 384 + 384 * 10 + 10
+    assert math.isfinite(m["vit_test_loss"])

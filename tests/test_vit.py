@@ -70,6 +70,26 @@ def test_conv_and_reshape_patchify_are_equal_on_the_same_weights(digits, base):
     np.testing.assert_allclose(got, manual, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", vit.PATCHIFY)
+@pytest.mark.parametrize("pos", vit.POSITIONS)
+def test_bfloat16_compute_and_bfloat16_params(digits, base, mode, pos):
+    """model.dtype=bfloat16 computes every token in bfloat16 (patches, positions, class token,
+    blocks); bfloat16 parameters and images, as train.precision=bfloat16 casts them, run at
+    either compute dtype (the conv refused a float32 image with a bfloat16 kernel)."""
+    cfg = dataclasses.replace(TINY, patchify=mode, pos=pos)
+    params = init(cfg, base)
+    want = apply(cfg)(params, digits)
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    x16 = digits.astype(jnp.bfloat16)
+    tokens = apply(dataclasses.replace(cfg, dtype="bfloat16"), vit.ViT)(
+        params["vit"], digits)["tokens"]
+    assert tokens.dtype == jnp.bfloat16
+    for dtype in ("float32", "bfloat16"):
+        got = apply(dataclasses.replace(cfg, dtype=dtype))(bf16, x16)
+        assert got.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1)
+
+
 @pytest.mark.parametrize("pool", vit.POOLS)
 def test_outputs_and_pooling(digits, pool, base):
     cfg = dataclasses.replace(TINY, pool=pool, num_classes=0)

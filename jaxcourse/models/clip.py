@@ -45,6 +45,7 @@ class CLIPConfig:
     text_width: int = 64
     text_pool: str = "last"       # last real token (CLIP's EOT) | mean over real tokens
     text_causal: bool = True      # CLIP's text transformer is causally masked
+    dtype: str = "float32"        # the text tower's compute dtype (the image tower's model.dtype)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -61,7 +62,8 @@ class CLIPConfig:
     def text_blocks(self) -> GPTConfig:
         return GPTConfig(vocab_size=self.vocab_size, context=self.text_context,
                          n_layer=self.text_layers, n_head=self.text_heads,
-                         d_model=self.text_width, pos="learned", norm="layernorm")
+                         d_model=self.text_width, pos="learned", norm="layernorm",
+                         dtype=self.dtype)
 
     @property
     def init_log_scale(self) -> float:

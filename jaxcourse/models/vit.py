@@ -54,6 +54,7 @@ class ViTConfig:
     norm: str = "layernorm"        # layernorm | rmsnorm
     bias: bool = True              # Biases in the attention and MLP projections.
     attention: str = "xla"         # einsum | xla | cudnn | pallas (attention maps: einsum)
+    dtype: str = "float32"         # Compute dtype (bfloat16 on GPUs); parameters stay float32.
     num_classes: int = 10          # ViTClassifier's head; 0 = no head.
 
     def __post_init__(self):
@@ -92,7 +93,7 @@ class ViTConfig:
         return GPTConfig(vocab_size=1, context=n_tokens, n_layer=self.n_layer,
                          n_head=self.n_head, d_model=self.d_model, d_ff=self.d_ff,
                          dropout=self.dropout, norm=self.norm, pos="none", bias=self.bias,
-                         attention=self.attention)
+                         attention=self.attention, dtype=self.dtype)
 
 
 def check_patch(h: int, w: int, p: int) -> None:
@@ -159,6 +160,7 @@ class PatchEmbed(nn.Module):
     d_model: int
     patch_size: int
     mode: str = "conv"
+    dtype: jnp.dtype = jnp.float32  # compute dtype of the patches, kernel and output
 
     @nn.compact
     def __call__(self, images_BxHxWxC):
@@ -171,7 +173,8 @@ class PatchEmbed(nn.Module):
             (p, p, c, self.d_model))
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)),
                           (self.d_model,))
-        x = images_BxHxWxC.astype(jnp.float32)
+        x, kernel = images_BxHxWxC.astype(self.dtype), kernel.astype(self.dtype)
+        bias = bias.astype(self.dtype)
         if self.mode == "conv":
             y = jax.lax.conv_general_dilated(x, kernel, (p, p), "VALID",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -192,7 +195,8 @@ class ViT(nn.Module):
         b, h, w, _ = images_BxHxWxC.shape
         check_patch(h, w, c.patch_size)
         gh, gw = h // c.patch_size, w // c.patch_size
-        x_BxNxD = PatchEmbed(c.d_model, c.patch_size, c.patchify, name="patch_embed")(
+        dtype = c.blocks(1).compute_dtype
+        x_BxNxD = PatchEmbed(c.d_model, c.patch_size, c.patchify, dtype, name="patch_embed")(
             images_BxHxWxC)
         if c.pos == "learned":
             table = self.param("pos_embedding", partitioned(
@@ -201,13 +205,14 @@ class ViT(nn.Module):
             pos_NxD = interpolate_positions(table, gh, gw).reshape(gh * gw, c.d_model)
         else:
             pos_NxD = jnp.asarray(sincos_2d(gh, gw, c.d_model)).reshape(gh * gw, c.d_model)
-        x_BxNxD = x_BxNxD + pos_NxD[None]
+        x_BxNxD = x_BxNxD + pos_NxD[None].astype(dtype)
         if keep_BxK is not None:  # MAE: the encoder sees the kept (visible) patches only
             x_BxNxD = jnp.take_along_axis(x_BxNxD, keep_BxK[..., None], axis=1)
         if c.pool == "cls":
             cls = self.param("cls", partitioned(nn.initializers.zeros, (None, None, "embed")),
                              (1, 1, c.d_model))
-            x_BxNxD = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.d_model)), x_BxNxD], 1)
+            x_BxNxD = jnp.concatenate(
+                [jnp.broadcast_to(cls, (b, 1, c.d_model)).astype(dtype), x_BxNxD], 1)
         tokens_BxTxD = Encoder(c.blocks(x_BxNxD.shape[1]), name="encoder")(
             embeddings_BxSxD=x_BxNxD, train=train)
         pooled = tokens_BxTxD[:, 0] if c.pool == "cls" else tokens_BxTxD.mean(1)

@@ -50,7 +50,8 @@ def caption_pairs(split: scenes.Scenes, tok, context: int) -> dict:
 def clip_model(cfg, tok) -> clip_lib.CLIP:
     tower = vit_config(cfg.model, image_size=scenes.IMAGE_SIZE, channels=3, num_classes=0)
     return clip_lib.CLIP(ViT(tower), clip_lib.CLIPConfig(**cfg.clip.to_dict(),
-                                                         vocab_size=tok.vocab_size))
+                                                         vocab_size=tok.vocab_size,
+                                                         dtype=tower.dtype))
 
 
 def train_clip(cfg, workdir: pathlib.Path, data: dict, tok) -> tuple:

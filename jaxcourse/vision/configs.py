@@ -28,6 +28,7 @@ def vit_model(**overrides) -> dict:
         "norm": "layernorm",
         "bias": True,
         "attention": "xla",
+        "dtype": "float32",  # compute dtype; bfloat16 with train.precision=bfloat16 on GPUs
     }
     section.update(overrides)
     return section
@@ -89,7 +90,7 @@ def vit_config(preset: str) -> ml_collections.ConfigDict:
     elif preset == "gpu":  # CIFAR-10 from scratch, aiming at >= 80% test accuracy.
         cfg.data.name = "cifar10"
         cfg.model.update(patch_size=4, n_layer=6, n_head=8, d_model=384, d_ff=768,
-                         dropout=0.1, pool="gap", pos="sincos")
+                         dropout=0.1, pool="gap", pos="sincos", dtype="bfloat16")
         cfg.reg.update(crop_pad=4, flip=True, mixup_alpha=0.2)
         cfg.cnn.model.update(width=64, stages=(2, 2, 2, 2), dropout=0.0)
         cfg.cnn.update(lr=0.2, steps_per_call=50)
@@ -158,7 +159,7 @@ def clip_config(preset: str) -> ml_collections.ConfigDict:
         o.lr = 3e-3
         o.warmup_steps = 2
     elif preset == "gpu":  # more scenes, a wider pair of towers
-        cfg.model.update(n_layer=6, n_head=6, d_model=192, d_ff=768)
+        cfg.model.update(n_layer=6, n_head=6, d_model=192, d_ff=768, dtype="bfloat16")
         cfg.clip.update(embed_dim=256, text_layers=4, text_heads=6, text_width=192)
         cfg.scenes.update(n_train=50000, n_test=2000, n_heldout=2000)
         t.steps = 20000

@@ -46,6 +46,7 @@ class MAEConfig:
     decoder_d_model: int = 64
     decoder_layers: int = 2
     decoder_heads: int = 4
+    dtype: str = "float32"  # the decoder's compute dtype (the encoder's model.dtype)
 
     def __post_init__(self):
         check_mask_ratio(self.mask_ratio)
@@ -60,7 +61,8 @@ class MAEConfig:
         """The decoder's blocks: bidirectional, LayerNorm, positions added by the decoder."""
         return GPTConfig(context=n_patches, n_layer=self.decoder_layers,
                          n_head=self.decoder_heads, d_model=self.decoder_d_model,
-                         norm="layernorm", pos="none", attention="einsum", vocab_size=1)
+                         norm="layernorm", pos="none", attention="einsum", vocab_size=1,
+                         dtype=self.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -121,16 +123,18 @@ class MAE(nn.Module):
         tokens = token_features(self.encoder(images_BxHxWxC, train=train, keep_BxK=keep_BxK))
         visible_BxKxE = tokens[:, tokens.shape[1] - k:]  # drop prefix tokens
         dc = c.decoder(n)
-        x_BxKxD = nn.Dense(dc.d_model, name="decoder_embed")(visible_BxKxE)
+        dtype = dc.compute_dtype
+        x_BxKxD = nn.Dense(dc.d_model, dtype=dtype, name="decoder_embed")(visible_BxKxE)
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, dc.d_model))
         x_BxNxD = jnp.concatenate(
-            [x_BxKxD, jnp.broadcast_to(mask_token, (b, n - k, dc.d_model))], axis=1)
+            [x_BxKxD, jnp.broadcast_to(mask_token, (b, n - k, dc.d_model)).astype(dtype)],
+            axis=1)
         x_BxNxD = jnp.take_along_axis(x_BxNxD, restore_BxN[..., None], axis=1)
-        x_BxNxD = x_BxNxD + jnp.asarray(sincos_2d(gh, gw, dc.d_model))[None]
+        x_BxNxD = x_BxNxD + jnp.asarray(sincos_2d(gh, gw, dc.d_model), dtype)[None]
         x_BxNxD, _ = Stack(dc, causal=False, deterministic=not train, name="decoder")(
             x_BxNxD, jnp.arange(n))
         x_BxNxD = final_norm(dc, x_BxNxD)
-        return nn.Dense(c.patch_size ** 2 * ch, name="decoder_pred")(x_BxNxD)
+        return nn.Dense(c.patch_size ** 2 * ch, dtype=dtype, name="decoder_pred")(x_BxNxD)
 
 
 def targets(images_BxHxWxC, cfg: MAEConfig):

@@ -84,7 +84,8 @@ def mae_model(cfg, data) -> mae_lib.MAE:
     m = cfg.mae
     mae_cfg = mae_lib.MAEConfig(patch_size=enc.patch_size, mask_ratio=m.mask_ratio,
                                 norm_pix=m.norm_pix, decoder_d_model=m.decoder_d_model,
-                                decoder_layers=m.decoder_layers, decoder_heads=m.decoder_heads)
+                                decoder_layers=m.decoder_layers, decoder_heads=m.decoder_heads,
+                                dtype=enc.dtype)
     return mae_lib.MAE(ViT(enc), mae_cfg)
 
 
