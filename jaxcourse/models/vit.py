@@ -30,7 +30,7 @@ import numpy as np
 from jaxcourse.errors import ConfigError
 from jaxcourse.models.encoder_decoder import Encoder
 from jaxcourse.models.layers import NORMS, partitioned
-from jaxcourse.models.transformer import GPTConfig
+from jaxcourse.models.transformer import DTYPES, GPTConfig
 
 PATCHIFY = ("conv", "reshape")
 POOLS = ("cls", "gap")
@@ -195,7 +195,7 @@ class ViT(nn.Module):
         b, h, w, _ = images_BxHxWxC.shape
         check_patch(h, w, c.patch_size)
         gh, gw = h // c.patch_size, w // c.patch_size
-        dtype = c.blocks(1).compute_dtype
+        dtype = DTYPES[c.dtype]
         x_BxNxD = PatchEmbed(c.d_model, c.patch_size, c.patchify, dtype, name="patch_embed")(
             images_BxHxWxC)
         if c.pos == "learned":
