@@ -1,5 +1,9 @@
 """State-space mixers: the selective-scan implementations, SSD, S4D's two modes, and every
 SSM mixer decoding from its fixed-size state exactly as the full forward pass computes."""
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -134,6 +138,33 @@ def test_s4d_convolution_mode_equals_recurrent_mode():
     rec, _ = ssm.s4d_recurrent(u, dt, A, C, jnp.zeros((2, h, n2), jnp.complex64))
     np.testing.assert_allclose(conv, rec, rtol=1e-4, atol=2e-5)
     assert float(jnp.abs(rec).max()) > 0.05  # a real signal, not two zeros
+
+
+def test_s4d_convolution_gradient_of_a_layer_stack_finishes_on_cpu():
+    """The FFT form that ran the input's and the kernel's rfft apart hung XLA:CPU's thread
+    pool here (ssm.s4d_conv): the gradient of 3 layers never returned on 2 cores."""
+    code = """if True:
+        import jax, jax.numpy as jnp
+        from jaxcourse.models.ssm import s4d_conv
+        def loss(ks, u):
+            for k in ks:
+                u = jnp.tanh(s4d_conv(u, k)) + u
+            return u.mean()
+        ks = [0.01 * jax.random.normal(jax.random.key(i), (384, 256)) for i in range(3)]
+        u = jax.random.normal(jax.random.key(3), (64, 256, 384))
+        grad = jax.jit(jax.grad(loss))
+        for _ in range(3):
+            g = jax.block_until_ready(grad(ks, u))
+        print(float(sum(jnp.abs(x).sum() for x in g)))
+    """
+    env = {**os.environ, "XLA_FLAGS": ""}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the S4D convolution's gradient hung for 120 s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) > 0
 
 
 def init_params(cfg, seed=0):

@@ -92,12 +92,18 @@ def s4d_kernel(dt_H, A_HxN, C_HxN, length: int):
 
 
 def s4d_conv(u_BxTxH, K_HxT):
-    """Causal convolution of every channel with its kernel, via a zero-padded FFT."""
-    t = u_BxTxH.shape[1]
+    """Causal convolution of every channel with its kernel, via a zero-padded FFT.
+
+    The input and the kernel (as one more batch row) go through a single rfft, so one
+    layer's forward and backward never run two FFTs at once. XLA:CPU (jaxlib 0.11) runs an
+    FFT on a thread of its pool and fans it out into that same pool: with an FFT on every
+    pool thread, all of them wait for a free thread for ever (the gradient of 3 layers at
+    batch 64, context 256, width 384 hung on 2 cores; tests/test_ssm.py runs it)."""
+    b, t = u_BxTxH.shape[:2]
     n = 2 * t
-    U = jnp.fft.rfft(u_BxTxH, n=n, axis=1)
-    Kf = jnp.fft.rfft(K_HxT.T, n=n, axis=0)
-    return jnp.fft.irfft(U * Kf[None], n=n, axis=1)[:, :t]
+    both = jnp.concatenate([u_BxTxH, K_HxT.T[None].astype(u_BxTxH.dtype)])
+    F = jnp.fft.rfft(both, n=n, axis=1)
+    return jnp.fft.irfft(F[:b] * F[b:], n=n, axis=1)[:, :t]
 
 
 def s4d_recurrent(u_BxTxH, dt_H, A_HxN, C_HxN, x0_BxHxN):
