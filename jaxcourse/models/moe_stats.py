@@ -132,11 +132,11 @@ def expert_parallel_check(model_cfg, params, batch) -> dict:
                                              mutable=aux_losses.COLLECTIONS)
         return lm_loss(logits, targets)[0] + sum(aux_losses.collect(state)[0].values())
 
-    ref = jax.jit(jax.value_and_grad(loss))(params)
     out = {"expert_parallel_devices": n, "expert_parallel_max_diff": float("nan"),
            "all_to_all_bytes_per_step": 0.0}
-    if n == 1:
+    if n == 1:  # one device (e.g. one GPU): nothing to compare
         return out
+    ref = jax.jit(jax.value_and_grad(loss))(params)
     mesh = make_mesh({"expert": n, "data": jax.device_count() // n})
     with use_mesh(mesh, GPT_RULES):
         replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
