@@ -100,6 +100,14 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert (tmp_path / "straight" / "curves.png").stat().st_size > 1000
 
 
+def test_rerun_of_a_finished_run_reports_the_checkpoints_throughput(tmp_path):
+    _, first = run(small_config(steps=20), tmp_path)
+    _, again = run(small_config(steps=20), tmp_path)  # nothing left to train: no step timed
+    assert first["steps_per_second"] > 0
+    assert again["steps_per_second"] == pytest.approx(first["steps_per_second"], rel=0.5)
+    assert again["eval/loss"] == first["eval/loss"]
+
+
 def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     a, _ = run(small_config(steps=10), tmp_path / "a")
     b, _ = run(small_config(steps=10), tmp_path / "b")

@@ -182,6 +182,7 @@ class _Run:
         self.stale_evals, self.stopped_early = int(meta.get("stale_evals", 0)), False
         self.progress = _Progress(tc.steps, self.start)
         self.first_end, self.t_first = None, None  # the first call compiles: time from its end.
+        self.saved_rate = meta.get("steps_per_second")  # the checkpoint's, for rate()
         self.t_end = None
         self.saving = 0.0  # Seconds in checkpoint saves: not step time (a sharded state's
                            # first save compiles orbax's copy programs, seconds on CPU).
@@ -242,14 +243,18 @@ class _Run:
         self.stopped_early = 0 < self.cfg.train.patience <= self.stale_evals
 
     def save(self, end: int) -> None:
-        """Checkpoint at `end`, only of a finite state; the meta keeps the last train row."""
+        """Checkpoint at `end`, only of a finite state; the meta keeps the last train row
+        and the rate so far."""
         self.check_finite(end)
         t0 = time.perf_counter()
+        rate = self.rate(end, t0)
         self.ckpt.save(end, self.state, {"data_position": end, "config": _flat_config(self.cfg),
                                          "train_row": self.train_row,
                                          "best_eval": (self.best_eval if np.isfinite(self.best_eval)
                                                        else None),
-                                         "stale_evals": self.stale_evals})
+                                         "stale_evals": self.stale_evals,
+                                         "steps_per_second": (rate if np.isfinite(rate)
+                                                              else None)})
         self.saving += time.perf_counter() - t0
         self.last_saved = end
 
@@ -283,16 +288,23 @@ class _Run:
         raise Interrupted(f"{signal.Signals(signum).name} at step {end}: saved a checkpoint in "
                           f"{self.ckpt.directory}; run the same command again to resume", signum)
 
+    def rate(self, done: int, now: float | None) -> float:
+        """Steps per second after the first (compiling) call up to step `done` at time `now`,
+        checkpoint saves left out. A process that timed no step (resumed with at most one
+        call left) reports the rate its checkpoint recorded, else nan."""
+        timed = (done - self.first_end) if self.first_end is not None else 0
+        if timed > 0:
+            return timed / (now - self.t_first - self.saving)
+        return float("nan") if self.saved_rate is None else float(self.saved_rate)
+
     def summary(self) -> dict:
-        """Final train/eval metrics and throughput (steps after the first, compiling call)."""
+        """Final train/eval metrics and throughput (`rate`)."""
         if self.eval_fn is not None and not self.eval_metrics:  # nothing left to train
             with self.context():
                 self.evaluate(None)
         if self.main:
             self.writer.plot()
-        timed = (self.start - self.first_end) if self.first_end is not None else 0
-        steps_per_second = (timed / (self.t_end - self.t_first - self.saving) if timed > 0
-                            else float("nan"))
+        steps_per_second = self.rate(self.start, self.t_end)
         return {**self.train_row, **self.eval_metrics, "steps": int(self.state.step),
                 "steps_per_second": steps_per_second,
                 "examples_per_second": steps_per_second * self.batch_size,
