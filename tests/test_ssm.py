@@ -155,7 +155,7 @@ def test_s4d_convolution_gradient_of_a_layer_stack_finishes_on_cpu():
         grad = jax.jit(jax.grad(loss))
         for _ in range(3):
             g = jax.block_until_ready(grad(ks, u))
-        print(float(sum(jnp.abs(x).sum() for x in g)))
+        print(all(bool(jnp.isfinite(x).all()) for x in g), min(float(jnp.abs(x).max()) for x in g))
     """
     env = {**os.environ, "XLA_FLAGS": ""}
     try:
@@ -164,7 +164,8 @@ def test_s4d_convolution_gradient_of_a_layer_stack_finishes_on_cpu():
     except subprocess.TimeoutExpired:
         pytest.fail("the S4D convolution's gradient hung for 120 s")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout) > 0
+    finite, smallest_max = done.stdout.split()
+    assert finite == "True" and float(smallest_max) > 1e-6  # every layer's kernel gets a gradient
 
 
 def init_params(cfg, seed=0):
